@@ -1,0 +1,43 @@
+# The README's commands. Everything runs from the project's own environment in
+# .venv/, created on first use from the exact pins in requirements.lock.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv model serve test test-fast bench clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip==25.3 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; test $${PIPESTATUS[0]} -eq 0
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; test $${PIPESTATUS[0]} -eq 0
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; test $${PIPESTATUS[0]} -eq 0
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Fetch the default model (SmolLM2-135M-Instruct) and export it into model_repository/.
+model: $(STAMP)
+	$(PY) -m stack.default_model
+
+## Serve the default model: tritonserver + the OpenAI adapter, until Ctrl-C.
+serve: $(STAMP)
+	$(PY) -m stack.serve
+
+## The whole test suite (unit, in-process adapter, end to end with real tritonserver).
+test: $(STAMP)
+	$(PY) -m pytest -ra
+
+## Unit and in-process tests only (no tritonserver, no default-model export).
+test-fast: $(STAMP)
+	$(PY) -m pytest -ra -m "not e2e and not slow"
+
+## Benchmarks (not tests): print tables, write bench/results/.
+bench: $(STAMP)
+	$(PY) -m bench.engine
+
+clean:
+	rm -rf $(VENV) build .pytest_cache
