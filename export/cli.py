@@ -1,0 +1,108 @@
+"""`llm-export`: a Hugging Face checkpoint becomes a verified Triton model directory.
+
+    llm-export CHECKPOINT_DIR --name NAME --repository REPO_DIR [options]
+
+writes REPO_DIR/NAME/config.pbtxt and the next numbered version REPO_DIR/NAME/N/
+(model.onnx + external data, genai_config.json, tokenizer files, chat template,
+config.json, generation_config.json, manifest.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """\
+steps:
+  1. validate   config.json (Llama, Mistral or Qwen2 architecture), weights
+                (safetensors, sharded safetensors with index, or pytorch_model*.bin)
+                consistent with the config, tokenizer (tokenizer.json or an equivalent
+                that loads) with tokenizer_config.json and special tokens that agree with
+                config.json / generation_config.json, chat template.
+  2. export     onnxruntime-genai's model builder: decoder with KV cache; models over
+                2 GB keep their weights in external data (model.onnx.data).
+  3. verify     against the source model (transformers, fp32, CPU): last-position logits
+                on a few prompts (max abs diff, tolerance per precision) and greedy token
+                agreement. Exports for --device cuda cannot run on a CPU machine: their
+                verification is recorded as "skipped" in the manifest and the summary.
+  4. publish    config.pbtxt is rendered, then the staged version directory is renamed
+                to the next number (1, 2, ...) in one atomic step. Any failure publishes
+                nothing and exits non-zero.
+
+precisions:   cpu: fp32 (exact), int4 or int8 (weight-only quantized MatMulNBits)
+              cuda: fp16, int4 (also fp32, int8)
+
+exit codes:   0 published, 2 invalid checkpoint or arguments, 3 export failed,
+              4 verification failed
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llm-export", description=__doc__.split("\n\n")[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path, metavar="CHECKPOINT_DIR",
+                   help="Hugging Face checkpoint directory (config.json, weights, tokenizer files)")
+    p.add_argument("--name", required=True, help="model name: the directory under --repository and the Triton model name")
+    p.add_argument("--repository", required=True, type=Path, metavar="REPO_DIR",
+                   help="Triton model repository (created if missing)")
+    p.add_argument("--precision", choices=["fp32", "int4", "fp16", "int8"], default="fp32",
+                   help="weight precision (default fp32)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="target execution provider; sets instance kind KIND_CPU/KIND_GPU (default cpu)")
+    tmpl = p.add_mutually_exclusive_group()
+    tmpl.add_argument("--chat-template", type=Path, metavar="FILE",
+                      help="use this Jinja chat template instead of the checkpoint's")
+    tmpl.add_argument("--no-chat-template", action="store_true",
+                      help="export without a chat template (base models; chat requests will be refused)")
+    p.add_argument("--max-model-len", type=int, metavar="N",
+                   help="tokens per sequence, prompt + output (default min(context length, 2048))")
+    p.add_argument("--max-num-seqs", type=int, metavar="N", help="sequences decoded together (KV slots)")
+    p.add_argument("--max-queue-size", type=int, metavar="N", help="requests waiting for a slot before 'over capacity'")
+    p.add_argument("--instance-count", type=int, default=1, metavar="N", help="Triton model instances (default 1)")
+    p.add_argument("--verify-tokens", type=int, default=32, metavar="N",
+                   help="greedy tokens compared per prompt during verification (default 32)")
+    p.add_argument("--skip-verify", action="store_true",
+                   help="publish WITHOUT verification (recorded as skipped in the manifest)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    from .onnx_build import BuildError
+    from .pipeline import ExportOptions, VerificationFailed, run_export
+    from .summary import print_failure, print_summary
+    from .validate import CheckpointError
+
+    overrides = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
+                                   ("max_queue_size", args.max_queue_size)) if v is not None}
+    opts = ExportOptions(name=args.name, repository=args.repository, precision=args.precision,
+                         device=args.device, chat_template_file=args.chat_template,
+                         no_chat_template=args.no_chat_template, max_model_len=args.max_model_len,
+                         instance_count=args.instance_count, skip_verify=args.skip_verify,
+                         verify_tokens=args.verify_tokens, engine_overrides=overrides, quiet=args.quiet)
+    try:
+        from .verify import verify_export
+    except ImportError:  # pragma: no cover - thin path without verification
+        verify_export = None
+    try:
+        result = run_export(args.checkpoint, opts, verifier=verify_export)
+    except CheckpointError as err:
+        print_failure(f"invalid checkpoint: {err}")
+        return 2
+    except BuildError as err:
+        print_failure(str(err))
+        return 3
+    except VerificationFailed as err:
+        print_failure(f"verification failed, nothing published: {err}", err.verification)
+        return 4
+    print_summary(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

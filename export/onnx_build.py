@@ -1,0 +1,52 @@
+"""Run onnxruntime-genai's model builder on a checkpoint directory.
+
+The builder converts Llama-family decoders (with KV cache, GroupQueryAttention)
+offline in seconds. We run it as a subprocess: it holds the whole model in memory
+and imports heavy modules, and a separate process gives all of that back at once.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Files the builder writes that the version directory keeps.
+ARTIFACTS = ("model.onnx", "model.onnx.data", "genai_config.json")
+
+
+class BuildError(RuntimeError):
+    """The builder failed; the message carries the tail of its log."""
+
+
+def run_builder(checkpoint: Path, out_dir: Path, precision: str, device: str,
+                log_path: Path, extra_options: dict[str, str] | None = None,
+                timeout_s: int = 3600) -> float:
+    """Build `out_dir/model.onnx` (+ external data, genai_config.json); return seconds taken."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir = out_dir.parent / (out_dir.name + "-builder-cache")
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder",
+           "-i", str(checkpoint.resolve()), "-o", str(out_dir.resolve()),
+           "-p", precision, "-e", device, "-c", str(cache_dir.resolve())]
+    if extra_options:
+        cmd += ["--extra_options", *(f"{k}={v}" for k, v in extra_options.items())]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        # cwd outside the onnxruntime_genai package: importing it from inside aborts.
+        proc = subprocess.run(cmd, cwd=out_dir.parent, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, timeout=timeout_s)
+    elapsed = time.monotonic() - start
+    _remove_tree(cache_dir)
+    if proc.returncode != 0 or not (out_dir / "model.onnx").exists():
+        tail = log_path.read_text(errors="replace").splitlines()[-25:]
+        raise BuildError(f"the ONNX model builder failed (exit {proc.returncode}); last lines of "
+                         f"{log_path.name}:\n  " + "\n  ".join(tail))
+    return elapsed
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,142 @@
+"""One export, start to finish: validate, build, verify, publish.
+
+The CLI and `stack.default_model` both call `run_export`; it raises on any failure
+and then leaves no version directory behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from llm_backend.model_config import EngineParams
+
+from . import manifest as mf
+from .onnx_build import run_builder
+from .publish import publish_version, staging, write_config
+from .validate import Checkpoint, validate_checkpoint
+
+# Checkpoint files that travel with the artifacts (the backend tokenizes with them).
+CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "config.json", "generation_config.json")
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+@dataclass
+class ExportOptions:
+    name: str
+    repository: Path
+    precision: str = "fp32"
+    device: str = "cpu"
+    chat_template_file: Path | None = None
+    no_chat_template: bool = False
+    max_model_len: int | None = None
+    instance_count: int = 1
+    skip_verify: bool = False
+    verify_tokens: int = 32
+    engine_overrides: dict = field(default_factory=dict)   # other EngineParams fields
+    quiet: bool = False
+
+
+@dataclass
+class ExportResult:
+    model_dir: Path
+    version_dir: Path
+    manifest: dict
+    seconds: float
+
+
+def progress(opts: ExportOptions, message: str) -> None:
+    if not opts.quiet:
+        print(f"[llm-export] {message}", flush=True)
+
+
+def instance_kind(device: str) -> str:
+    return "KIND_GPU" if device == "cuda" else "KIND_CPU"
+
+
+def engine_params(ckpt: Checkpoint, opts: ExportOptions) -> EngineParams:
+    """config.pbtxt parameters for this export."""
+    ctx = ckpt.context_length
+    limit = opts.max_model_len or DEFAULT_MAX_MODEL_LEN
+    params = EngineParams(precision=opts.precision, device=opts.device,
+                          chat_template=ckpt.chat_template or "", bos_token=ckpt.bos_token,
+                          eos_token=ckpt.eos_token, context_length=ctx,
+                          max_model_len=min(ctx, limit) if ctx else limit)
+    return apply_overrides(params, opts.engine_overrides)
+
+
+def apply_overrides(params: EngineParams, overrides: dict) -> EngineParams:
+    known = set(params.__dict__)
+    for key, value in overrides.items():
+        if key not in known:
+            raise ValueError(f"unknown engine parameter {key!r}; known: {', '.join(sorted(known))}")
+        setattr(params, key, type(getattr(params, key))(value))
+    return params
+
+
+def stage_files(ckpt: Checkpoint, version_dir: Path) -> None:
+    """Copy the checkpoint's tokenizer/config files and the chat template next to the ONNX model."""
+    for name in CARRIED_FILES:
+        if (ckpt.path / name).is_file():
+            shutil.copy2(ckpt.path / name, version_dir / name)
+    template = version_dir / "chat_template.jinja"
+    if ckpt.chat_template is not None:
+        template.write_text(ckpt.chat_template)
+    elif template.exists():
+        template.unlink()  # --no-chat-template: the builder's copy must not sneak in
+
+
+def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportResult:
+    """Validate, build, verify and publish; raise on failure (nothing published then)."""
+    start = time.monotonic()
+    progress(opts, f"validating {checkpoint}")
+    ckpt = validate_checkpoint(checkpoint, opts.chat_template_file, opts.no_chat_template)
+    params = engine_params(ckpt, opts)
+    model_dir = Path(opts.repository) / opts.name
+    with staging(model_dir) as stage:
+        version_dir = stage / "version"
+        progress(opts, f"exporting {ckpt.architecture} to ONNX ({opts.precision}, {opts.device}) ...")
+        build_s = run_builder(ckpt.path, version_dir, opts.precision, opts.device, stage / "builder.log")
+        progress(opts, f"exported in {build_s:.1f} s")
+        stage_files(ckpt, version_dir)
+        progress(opts, "computing the source weights checksum")
+        checksum = mf.weights_checksum(ckpt.weight_files)
+        if opts.skip_verify:
+            verification = {"status": "skipped", "reason": "--skip-verify given: NOT verified against the source model"}
+        elif verifier is None:
+            verification = {"status": "skipped", "reason": "verification not available in this build"}
+        else:
+            verification = verifier(ckpt, version_dir, opts)
+        if verification.get("status") == "failed":
+            raise VerificationFailed(verification)
+        manifest = {
+            "name": opts.name,
+            "source": {"path": str(ckpt.path.resolve()), "architecture": ckpt.architecture,
+                       "weights": checksum, "chat_template": ckpt.chat_template_source},
+            "precision": opts.precision,
+            "device": opts.device,
+            "verification": verification,
+            "engine_params": asdict(params),
+            "instance_kind": instance_kind(opts.device),
+            "instance_count": opts.instance_count,
+            "artifacts": sorted(p.name for p in version_dir.iterdir()),
+            "build_seconds": round(build_s, 1),
+            "tools": mf.tool_versions(),
+            "date": mf.now_utc(),
+        }
+        mf.write_manifest(version_dir / "manifest.json", manifest)
+        write_config(model_dir, opts.name, params, instance_kind=instance_kind(opts.device),
+                     instance_count=opts.instance_count)
+        published = publish_version(version_dir, model_dir)
+    progress(opts, f"published {published}")
+    return ExportResult(model_dir, published, manifest, time.monotonic() - start)
+
+
+class VerificationFailed(RuntimeError):
+    def __init__(self, verification: dict):
+        super().__init__(verification.get("reason", "verification failed"))
+        self.verification = verification
