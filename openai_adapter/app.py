@@ -1,0 +1,213 @@
+"""The FastAPI app: lifespan-built dependencies, gate middleware, and routers without logic."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, Optional
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import errors
+from .admission import Admission
+from .errors import OpenAIError
+from .health import Health, Prober, StaticHealth
+from .metrics import Metrics, RequestCounter
+from .schemas import ChatCompletionRequest, CompletionRequest
+from .serving import Deps
+from .serving_chat import create_chat_completion
+from .serving_completions import create_completion
+from .settings import Settings
+from .triton_client import LLMClient, TritonPool
+
+log = logging.getLogger("openai_adapter")
+
+# -- routers: parse, hand over, nothing else ----------------------------------------
+v1 = APIRouter(prefix="/v1")
+ops = APIRouter()
+
+
+@v1.get("/models")
+async def list_models(raw: Request) -> dict[str, Any]:
+    deps: Deps = raw.app.state.deps
+    return {"object": "list", "data": [_model_card(m.name, deps) for m in deps.client.models()]}
+
+
+@v1.get("/models/{model_id:path}")
+async def get_model(model_id: str, raw: Request) -> dict[str, Any]:
+    deps: Deps = raw.app.state.deps
+    return _model_card(deps.client.model(model_id).name, deps)
+
+
+@v1.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, raw: Request):
+    return await create_chat_completion(raw.app.state.deps, body, raw)
+
+
+@v1.post("/completions")
+async def completions(body: CompletionRequest, raw: Request):
+    return await create_completion(raw.app.state.deps, body, raw)
+
+
+@ops.get("/health/live")
+async def live() -> dict[str, str]:
+    return {"status": "live"}
+
+
+@ops.get("/health/ready")
+async def ready(raw: Request) -> JSONResponse:
+    deps: Deps = raw.app.state.deps
+    ok, details = raw.app.state.health.status()
+    if deps.draining:
+        ok, details = False, {**details, "draining": True}
+    return JSONResponse({"status": "ready" if ok else "not ready", **details}, status_code=200 if ok else 503,
+                        headers={} if ok else {"Retry-After": str(deps.settings.retry_after_s)})
+
+
+@ops.get("/metrics")
+async def metrics(raw: Request) -> Response:
+    return Response(raw.app.state.deps.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _model_card(name: str, deps: Deps) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": deps.created, "owned_by": "triton"}
+
+
+# -- gate: draining, API keys, body size (before any parsing) -----------------------
+class Gate:
+    def __init__(self, app: ASGIApp, state: Any) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deps: Deps = self.state.deps
+        s = deps.settings
+        path: str = scope.get("path", "")
+        is_health = path.startswith("/health/")
+        if deps.draining and not is_health:
+            return await _reject(send, errors.unavailable("the server is shutting down", s.retry_after_s,
+                                                          code="shutting_down"))
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if s.api_keys and not is_health and not _authorized(headers.get("authorization", ""), s.api_keys):
+            return await _reject(send, OpenAIError(401, "missing or invalid API key (send Authorization: Bearer KEY)",
+                                                   code="invalid_api_key"))
+        length = headers.get("content-length")
+        too_big = OpenAIError(413, f"the request body is larger than the limit of {s.max_body_bytes} bytes",
+                              code="request_too_large")
+        if length is not None:
+            try:
+                if int(length) > s.max_body_bytes:
+                    return await _reject(send, too_big)
+            except ValueError:
+                return await _reject(send, errors.invalid("invalid Content-Length header"))
+            await self.app(scope, receive, send)
+            return
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        # Chunked upload: read it whole under the limit, then replay it.
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            total += len(chunks[-1])
+            if total > s.max_body_bytes:
+                return await _reject(send, too_big)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _authorized(header: str, keys: list[str]) -> bool:
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer":
+        token = ""
+    token_b = token.strip().encode()
+    ok = False
+    for key in keys:  # no early exit: the time does not depend on which key matched
+        ok |= hmac.compare_digest(token_b, key.encode())
+    return ok
+
+
+async def _reject(send: Send, err: OpenAIError) -> None:
+    resp = err.response()
+    await resp({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+# -- factory ------------------------------------------------------------------------
+def create_app(settings: Optional[Settings] = None, client: Optional[LLMClient] = None,
+               health: Optional[Health] = None) -> FastAPI:
+    """The adapter app. Pass `client` (and `health`) to run over a fake inference side."""
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        m = Metrics()
+        admission = Admission(settings.max_in_flight, settings.max_waiting, settings.retry_after_s)
+        m.in_flight.set_function(lambda: admission.in_flight)
+        m.waiting.set_function(lambda: admission.waiting)
+        prober_task = None
+        if client is None:
+            pool = TritonPool(settings.triton_grpc_urls, settings.triton_http_urls,
+                              breaker_failures=settings.breaker_failures, breaker_open_s=settings.breaker_open_s,
+                              http_timeout=settings.upstream_timeout_s, retry_after=settings.retry_after_s,
+                              on_upstream_error=lambda ep, kind: m.upstream_errors.labels(ep, kind).inc())
+            for ep in pool.endpoints:
+                m.circuit_open.labels(ep.grpc_url).set_function(lambda ep=ep: 1.0 if ep.breaker.is_open else 0.0)
+            prober = Prober(pool, settings, m)
+            app.state.health = health or prober
+            prober_task = asyncio.ensure_future(prober.run())
+            llm: LLMClient = pool
+        else:
+            llm = client
+            app.state.health = health or StaticHealth(client)
+        app.state.deps = Deps(settings, llm, admission, m)
+        log.info("settings: %s", settings.redacted())
+        try:
+            yield
+        finally:
+            if prober_task is not None:
+                prober_task.cancel()
+                await asyncio.gather(prober_task, return_exceptions=True)
+            if client is None:
+                for ep in pool.endpoints:
+                    await ep.close()
+
+    app = FastAPI(title="OpenAI-compatible API over Triton", lifespan=lifespan, docs_url=None, redoc_url=None)
+    errors.install(app)
+    app.include_router(v1)
+    app.include_router(ops)
+    app.add_middleware(Gate, state=app.state)
+    app.add_middleware(RequestCounter, metrics=_LazyMetrics(app))
+    return app
+
+
+class _LazyMetrics:
+    """The metrics object exists only once the lifespan ran; middleware is built before."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def __getattr__(self, name: str):
+        return getattr(self.app.state.deps.metrics, name)

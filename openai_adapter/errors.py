@@ -1,0 +1,150 @@
+"""One error type and one mapper: every error leaves as an OpenAI error body."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("openai_adapter")
+
+# OpenAI `type` per HTTP status, where the caller does not say otherwise.
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+          503: "server_error", 504: "timeout_error"}
+
+
+class OpenAIError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
+                 code: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, param=param, code=code)
+
+
+def unavailable(message: str, retry_after: int, code: str = "service_unavailable") -> OpenAIError:
+    return OpenAIError(503, message, code=code, retry_after=retry_after)
+
+
+def over_capacity(message: str, retry_after: int) -> OpenAIError:
+    return OpenAIError(429, message, code="over_capacity", retry_after=retry_after)
+
+
+def deadline_exceeded(seconds: float) -> OpenAIError:
+    return OpenAIError(504, f"the request did not finish within its deadline of {seconds:g} s",
+                       code="deadline_exceeded")
+
+
+class ClientGone(Exception):
+    """The client disconnected; there is nobody to answer."""
+
+
+# Model error messages carry their kind as a prefix (ARCHITECTURE.md).
+_PREFIXES = ("invalid_request: ", "context_length_exceeded: ", "over_capacity: ", "cancelled: ", "internal: ")
+
+
+def from_model_message(message: str, retry_after: int) -> OpenAIError | ClientGone:
+    """Map an error message from the model (or Triton) to what the client gets."""
+    msg = message.strip()
+    # tritonclient may prefix "[StatusCode.X] " on stream errors.
+    if msg.startswith("[StatusCode.") and "] " in msg:
+        msg = msg.split("] ", 1)[1]
+    for prefix in _PREFIXES:
+        if msg.startswith(prefix):
+            text = msg[len(prefix):]
+            if prefix == "invalid_request: ":
+                return invalid(text)
+            if prefix == "context_length_exceeded: ":
+                return invalid(text, param="messages", code="context_length_exceeded")
+            if prefix == "over_capacity: ":
+                return over_capacity(text, retry_after)
+            if prefix == "cancelled: ":
+                return ClientGone(text)
+            return OpenAIError(500, text, code="internal_error")
+    low = msg.lower()
+    if "exceeds maximum queue size" in low:
+        return over_capacity("the model's queue is full; retry later", retry_after)
+    if "is not ready" in low or "unknown model" in low or "is not found" in low or "unavailable" in low:
+        return unavailable("the model is not ready on the inference server", retry_after, code="model_not_ready")
+    # Unprefixed: something in Triton itself. Log it; never show internals to the client.
+    log.warning("unclassified upstream error: %s", msg)
+    return OpenAIError(500, "the inference server failed to process the request", code="upstream_error")
+
+
+def _validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    # pydantic puts the union member tag in loc ("str", "list[str]"): drop those.
+    loc = [p for p in loc if not (p.startswith(("list[", "dict[")) or p in ("str", "int", "float", "bool",
+                                                                             "function-after[...]"))]
+    param = ".".join(loc) or None
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        return "the request body is not valid JSON", None
+    if kind == "missing":
+        return f"missing required field {param!r}", param
+    if kind == "model_attributes_type" and not loc:
+        return "the request body must be a JSON object", None
+    received = err.get("input")
+    text = repr(received) if not isinstance(received, (dict, list)) else type(received).__name__
+    if len(text) > 80:
+        text = text[:77] + "..."
+    where = f"{param}: " if param else ""
+    return f"{where}{err.get('msg', 'invalid value')} (received {text})", param
+
+
+def install(app: FastAPI) -> None:
+    """Route every failure through one mapper to the OpenAI error body."""
+
+    @app.exception_handler(OpenAIError)
+    async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        message, param = _validation_message(errors[0]) if errors else ("invalid request", None)
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+        return invalid(message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            err = OpenAIError(404, f"no route {request.url.path}", code="not_found")
+        elif exc.status_code == 405:
+            err = OpenAIError(405, f"method {request.method} is not allowed on {request.url.path}",
+                              code="method_not_allowed")
+        else:
+            err = OpenAIError(exc.status_code, str(exc.detail))
+        resp = err.response()
+        for k, v in (exc.headers or {}).items():
+            resp.headers[k] = v
+        return resp
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return OpenAIError(500, "internal server error", code="internal_error").response()

@@ -1,0 +1,107 @@
+"""Readiness that proves the model works: per-model readiness on Triton plus a small
+real generation that succeeded recently, refreshed by a background prober."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Protocol
+
+from .errors import ClientGone, OpenAIError
+from .metrics import Metrics
+from .settings import Settings
+from .triton_client import GenerationRequest, TritonPool
+
+log = logging.getLogger("openai_adapter.health")
+
+
+class Health(Protocol):
+    def status(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, details for the body)."""
+
+
+class StaticHealth:
+    """For an injected client (tests): ready when the client lists a model."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def status(self) -> tuple[bool, dict[str, Any]]:
+        models = [m.name for m in self.client.models()]
+        return bool(models), {"models": {m: "ready" for m in models}}
+
+
+class Prober:
+    """Every `health_interval_s`: refresh each endpoint's models and readiness over HTTP
+    (tripping or closing its circuit), then run a one-token generation per ready model."""
+
+    def __init__(self, pool: TritonPool, settings: Settings, metrics: Metrics) -> None:
+        self.pool, self.settings, self.metrics = pool, settings, metrics
+        self.last_ok: dict[str, float] = {}  # model -> monotonic time of the last good generation
+        self.last_error: dict[str, str] = {}
+
+    def status(self) -> tuple[bool, dict[str, Any]]:
+        now = time.monotonic()
+        models: dict[str, str] = {}
+        for m in self.pool.models():
+            age = now - self.last_ok.get(m.name, -1e9)
+            if age <= self.settings.health_max_age_s or not self.settings.health_probe_generation:
+                models[m.name] = "ready"
+            else:
+                models[m.name] = "no successful generation in the last " \
+                                 f"{self.settings.health_max_age_s:g} s ({self.last_error.get(m.name, 'not probed yet')})"
+        endpoints = {ep.grpc_url: ("open" if ep.breaker.is_open else "closed") for ep in self.pool.endpoints}
+        ready = bool(models) and all(v == "ready" for v in models.values())
+        return ready, {"models": models, "circuits": endpoints}
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.probe_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the prober must never die
+                log.exception("health probe failed")
+            fast = any(ep.breaker.is_open or not ep.reachable for ep in self.pool.endpoints)
+            await asyncio.sleep(min(self.settings.health_interval_s, 0.25) if fast else self.settings.health_interval_s)
+
+    async def probe_once(self) -> None:
+        await asyncio.gather(*(self._probe_endpoint(i) for i in range(len(self.pool.endpoints))))
+
+    async def _probe_endpoint(self, i: int) -> None:
+        ep = self.pool.endpoints[i]
+        try:
+            await asyncio.wait_for(ep.refresh(), self.settings.upstream_timeout_s)
+        except Exception as err:
+            if not ep.breaker.is_open:
+                log.warning("Triton %s does not answer (%s): circuit open", ep.http_url, type(err).__name__)
+            ep.breaker.trip()
+            self.metrics.circuit_open.labels(ep.grpc_url).set(1)
+            return
+        was_open = ep.breaker.is_open
+        ep.breaker.probe_succeeded()
+        if was_open and not ep.breaker.is_open:
+            log.info("Triton %s answers again: circuit closed", ep.http_url)
+        self.metrics.circuit_open.labels(ep.grpc_url).set(1 if ep.breaker.is_open else 0)
+        if not self.settings.health_probe_generation or ep.breaker.is_open:
+            return
+        for model in sorted(ep.ready):
+            await self._generate(ep, model)
+
+    async def _generate(self, ep, model: str) -> None:
+        req = GenerationRequest(model=model, prompt="Hello", max_tokens=1, temperature=0.0,
+                                request_id="health-probe")
+        ok = False
+        try:
+            async with asyncio.timeout(self.settings.health_max_age_s):
+                async for _ in self.pool._stream(ep, req):
+                    pass
+            ok = True
+        except OpenAIError as err:
+            ok = err.status == 429  # busy is alive
+            self.last_error[model] = err.message
+        except (ClientGone, TimeoutError, Exception) as err:
+            self.last_error[model] = f"{type(err).__name__}: {err}"[:200]
+        if ok:
+            self.last_ok[model] = time.monotonic()
+        self.metrics.model_ready.labels(model).set(1 if ok else 0)

@@ -1,0 +1,69 @@
+"""`openai-adapter` / `python -m openai_adapter.main`: settings, logging, uvicorn, SIGTERM drain."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import fields
+
+import uvicorn
+
+from .app import create_app
+from .settings import Settings
+
+log = logging.getLogger("openai_adapter")
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    p = argparse.ArgumentParser(prog="openai-adapter", description="OpenAI-compatible API over Triton "
+                                "(every flag has an environment variable; see openai_adapter/README.md)")
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        env = Settings.ENV[f.name]
+        kind = type(f.default)
+        if f.name in ("triton_grpc_urls", "triton_http_urls", "api_keys"):
+            p.add_argument(flag, dest=f.name, default=None, help=f"comma-separated (env {env})")
+        elif kind is bool:
+            p.add_argument(flag, dest=f.name, default=None, choices=["true", "false"], help=f"env {env}")
+        else:
+            p.add_argument(flag, dest=f.name, default=None, type=kind, help=f"env {env}")
+    args = vars(p.parse_args(argv))
+    env_like = {Settings.ENV[k]: str(v) for k, v in args.items() if v is not None}
+    # Flags win over the environment: parse them with the same rules as variables.
+    import os
+    return Settings.from_env({**os.environ, **env_like})
+
+
+class _Server(uvicorn.Server):
+    """On SIGTERM/SIGINT: answer 503 to new requests while in-flight ones finish."""
+
+    def __init__(self, config: uvicorn.Config, app) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig, frame) -> None:
+        deps = getattr(self._app.state, "deps", None)
+        if deps is not None and not deps.draining:
+            deps.draining = True
+            log.info("signal %s: draining (grace %.0f s)", sig, deps.settings.shutdown_grace_s)
+        super().handle_exit(sig, frame)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = parse_args(argv)
+    except ValueError as err:
+        print(f"openai-adapter: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.shutdown_grace_s, access_log=False,
+                            lifespan="on")
+    server = _Server(config, app)
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

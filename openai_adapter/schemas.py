@@ -1,0 +1,99 @@
+"""Request schemas of the OpenAI API, with the limits written into the types.
+
+Unknown fields are kept (`extra="allow"`) so serving can log and ignore them: newer
+SDKs send fields older servers do not know.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+Temperature = Annotated[float, Field(strict=True, ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(strict=True, ge=0.0, le=1.0)]
+Penalty = Annotated[float, Field(strict=True, ge=-2.0, le=2.0)]
+MaxTokens = Annotated[StrictInt, Field(ge=1, le=1_000_000)]
+StopStr = Annotated[str, Field(min_length=1, max_length=256)]
+Stop = Union[StopStr, Annotated[list[StopStr], Field(max_length=4)]]
+Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]
+N = Annotated[StrictInt, Field(ge=1, le=128)]
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Open):
+    include_usage: StrictBool = False
+
+
+class ContentPart(_Open):
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Union[str, list[ContentPart], None] = None
+    name: Optional[str] = None
+
+
+class ResponseFormat(_Open):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class _Sampling(_Open):
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    temperature: Optional[Temperature] = None
+    top_p: Optional[TopP] = None
+    top_k: Optional[Annotated[StrictInt, Field(ge=-1, le=1_000_000)]] = None  # vLLM extension
+    seed: Optional[Seed] = None
+    presence_penalty: Optional[Penalty] = None
+    frequency_penalty: Optional[Penalty] = None
+    stop: Optional[Stop] = None
+    n: N = 1
+    stream: StrictBool = False
+    stream_options: Optional[StreamOptions] = None
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = None
+    user: Optional[str] = None
+    ignore_eos: StrictBool = False  # vLLM extension
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)]
+    max_tokens: Optional[MaxTokens] = None
+    max_completion_tokens: Optional[MaxTokens] = None
+    logprobs: Optional[StrictBool] = None
+    top_logprobs: Optional[Annotated[StrictInt, Field(ge=0, le=20)]] = None
+    response_format: Optional[ResponseFormat] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    functions: Optional[list[dict[str, Any]]] = None
+    parallel_tool_calls: Optional[StrictBool] = None
+
+
+PromptTokens = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+Prompt = Union[str, Annotated[list[str], Field(min_length=1, max_length=64)], PromptTokens,
+               Annotated[list[PromptTokens], Field(min_length=1, max_length=64)]]
+
+
+class CompletionRequest(_Sampling):
+    prompt: Prompt
+    max_tokens: Optional[Annotated[StrictInt, Field(ge=0, le=1_000_000)]] = 16
+    echo: StrictBool = False
+    logprobs: Optional[Annotated[StrictInt, Field(ge=0, le=5)]] = None
+    best_of: Optional[Annotated[StrictInt, Field(ge=1, le=128)]] = None
+    suffix: Optional[str] = None
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # one token-id prompt
+        return list(p)

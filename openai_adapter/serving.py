@@ -1,0 +1,333 @@
+"""Serving logic shared by chat and completions: admission, choices, deadline, disconnect.
+
+A request becomes one `GenerationRequest` per choice (prompts x n). Their streams are
+merged into `Event`s. Nothing is sent to the client before the first event arrived, so
+failures before the first token get a real HTTP status; later ones become an SSE error
+event. Every exit path closes the streams, which cancels the Triton requests.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from . import sse
+from .admission import Admission
+from .errors import ClientGone, OpenAIError, deadline_exceeded, invalid
+from .metrics import Metrics
+from .schemas import _Sampling
+from .settings import Settings
+from .stop import StopChecker
+from .triton_client import GenerationRequest, LLMClient
+
+log = logging.getLogger("openai_adapter.serving")
+
+
+@dataclass
+class Deps:
+    """Everything a request needs, built once in the lifespan (app.state.deps)."""
+
+    settings: Settings
+    client: LLMClient
+    admission: Admission
+    metrics: Metrics
+    draining: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class Event:
+    """Text for one choice; the last event of a choice has `finish_reason` and counts."""
+
+    index: int
+    text: str
+    finish_reason: Optional[str] = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+@dataclass
+class ChoiceState:
+    text: list[str] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+
+
+def finish_reason(engine_value: Optional[str]) -> str:
+    """Only OpenAI's values: the engine's `length` stays, everything else is `stop`."""
+    return "length" if engine_value == "length" else "stop"
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_common(req: _Sampling, settings: Settings, what: str) -> None:
+    """Reject what this server cannot honour, naming the field (400)."""
+    if req.stream_options is not None and not req.stream:
+        raise invalid("stream_options is only allowed with stream: true", param="stream_options")
+    if req.n > settings.max_n:
+        raise invalid(f"n must be at most {settings.max_n} on this server (received {req.n})", param="n")
+    if req.logit_bias:
+        raise invalid("logit_bias is not supported by this server", param="logit_bias")
+    if req.model_extra:
+        log.info("%s: ignoring unknown fields %s", what, sorted(req.model_extra))
+
+
+def sampling(req: _Sampling, model: str, prompt: Any, max_tokens: Optional[int], request_id: str) -> GenerationRequest:
+    return GenerationRequest(model=model, prompt=prompt, max_tokens=max_tokens, stop=req.stop_list(),
+                             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+                             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                             ignore_eos=req.ignore_eos, request_id=request_id)
+
+
+async def choice_events(deps: Deps, index: int, req: GenerationRequest, started: float) -> AsyncIterator[Event]:
+    """One choice's stream as Events, with stop strings cut and latency recorded."""
+    m = deps.metrics
+    stopper = StopChecker(req.stop)
+    reason: Optional[str] = None
+    n_in, n_out, pieces = 0, None, 0
+    last = None
+    stream = deps.client.generate(req)
+    try:
+        async for chunk in stream:
+            t = time.monotonic()
+            if last is None:
+                m.ttft.labels(req.model).observe(t - started)
+            else:
+                m.itl.labels(req.model).observe(t - last)
+            last = t
+            pieces += 1
+            n_in = chunk.num_input_tokens if chunk.num_input_tokens is not None else n_in
+            n_out = chunk.num_output_tokens if chunk.num_output_tokens is not None else n_out
+            if chunk.finish_reason:
+                reason = chunk.finish_reason
+            text, hit = stopper.feed(chunk.text)
+            if hit:
+                yield Event(index, text, "stop", n_in, n_out if n_out is not None else pieces)
+                return  # closing the stream cancels the rest of the generation
+            if text:
+                yield Event(index, text)
+    finally:
+        await stream.aclose()
+    m.e2e.labels(req.model).observe(time.monotonic() - started)
+    yield Event(index, stopper.flush(), finish_reason(reason), n_in, n_out if n_out is not None else pieces)
+
+
+async def merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[Event]:
+    """Interleave the choices' streams as they produce; closing this closes them all."""
+    if len(streams) == 1:
+        try:
+            async for ev in streams[0]:
+                yield ev
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def drain(s: AsyncIterator[Event]) -> None:
+        try:
+            async for ev in s:
+                await queue.put(ev)
+            await queue.put(end)
+        except BaseException as err:  # hand failures to the consumer
+            await queue.put(err)
+            raise
+
+    tasks = [asyncio.ensure_future(drain(s)) for s in streams]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is end:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _disconnected(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def guarded(raw: Request, awaitable, deadline: float, timeout_s: float):
+    """Await while watching for the client leaving and the deadline passing."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_disconnected(raw))
+    try:
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        done, _ = await asyncio.wait({task, watcher}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        watcher.cancel()
+        raise
+    watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    if watcher in done:
+        raise ClientGone("client disconnected")
+    raise deadline_exceeded(timeout_s)
+
+
+class Formatter:
+    """How one API shapes events into chunks and the final body (chat / completions)."""
+
+    object_full = ""
+    object_chunk = ""
+
+    def __init__(self, rid: str, model: str, n_choices: int, include_usage: bool) -> None:
+        self.id, self.model, self.n_choices, self.include_usage = rid, model, n_choices, include_usage
+        self.created = int(time.time())
+
+    def chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        out = {"id": self.id, "object": self.object_chunk, "created": self.created, "model": self.model,
+               "choices": choices}
+        if self.include_usage:
+            out["usage"] = None
+        return out
+
+    def prefix(self) -> list[dict[str, Any]]:
+        return []
+
+    def delta(self, ev: Event) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def finish(self, ev: Event) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        return {"id": self.id, "object": self.object_chunk, "created": self.created, "model": self.model,
+                "choices": [], "usage": usage.as_dict()}
+
+    def full(self, choices: list[ChoiceState], usage: Usage) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class UsageTally:
+    """Prompt tokens count once per prompt (not per choice of it); completions add up."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.prompts: dict[int, int] = {}
+        self.completion = 0
+
+    def add(self, ev: Event) -> None:
+        group = ev.index // self.n
+        self.prompts[group] = max(self.prompts.get(group, 0), ev.prompt_tokens)
+        self.completion += ev.completion_tokens
+
+    def usage(self) -> Usage:
+        return Usage(sum(self.prompts.values()), self.completion)
+
+
+async def execute(deps: Deps, raw: Request, reqs: list[GenerationRequest], n: int, stream: bool,
+                  fmt: Formatter):
+    """Run the choices and answer: an SSE stream, or one JSON body."""
+    settings = deps.settings
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.request_timeout_s
+    started = time.monotonic()
+    try:
+        await guarded(raw, deps.admission.acquire(), deadline, settings.request_timeout_s)
+    except ClientGone:
+        return JSONResponse({}, status_code=499)
+    events = merge([choice_events(deps, i, r, started) for i, r in enumerate(reqs)])
+    tally = UsageTally(n)
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            deps.admission.release()
+            u = tally.usage()
+            deps.metrics.prompt_tokens.labels(fmt.model).inc(u.prompt_tokens)
+            deps.metrics.completion_tokens.labels(fmt.model).inc(u.completion_tokens)
+
+    handed_over = False
+    try:
+        try:
+            first = await guarded(raw, events.__anext__(), deadline, settings.request_timeout_s)
+        except StopAsyncIteration:
+            first = None
+        except ClientGone:
+            return JSONResponse({}, status_code=499)  # nobody reads it; logged as 499
+        if stream:
+            handed_over = True
+            return sse.SSEResponse(_stream_body(first, events, fmt, tally, deadline, settings), release)
+        choices = [ChoiceState() for _ in reqs]
+
+        async def collect() -> None:
+            ev = first
+            while ev is not None:
+                _apply(choices[ev.index], ev, tally)
+                ev = await anext(events, None)
+
+        try:
+            await guarded(raw, collect(), deadline, settings.request_timeout_s)
+        except ClientGone:
+            return JSONResponse({}, status_code=499)
+        return JSONResponse(fmt.full(choices, tally.usage()))
+    finally:
+        if not handed_over:
+            await events.aclose()
+            release()
+
+
+def _apply(state: ChoiceState, ev: Event, tally: UsageTally) -> None:
+    if ev.text:
+        state.text.append(ev.text)
+    if ev.finish_reason is not None:
+        state.finish_reason = ev.finish_reason
+        tally.add(ev)
+
+
+async def _stream_body(first: Optional[Event], events: AsyncIterator[Event], fmt: Formatter, tally: UsageTally,
+                       deadline: float, settings: Settings) -> AsyncIterator[bytes]:
+    try:
+        for c in fmt.prefix():
+            yield sse.event(c)
+        ev = first
+        while ev is not None:
+            if ev.text:
+                yield sse.event(fmt.delta(ev))
+            if ev.finish_reason is not None:
+                tally.add(ev)
+                yield sse.event(fmt.finish(ev))
+            async with asyncio.timeout_at(deadline):
+                ev = await anext(events, None)
+        if fmt.include_usage:
+            yield sse.event(fmt.usage_chunk(tally.usage()))
+    except TimeoutError:
+        yield sse.event(deadline_exceeded(settings.request_timeout_s).body())
+    except OpenAIError as err:
+        yield sse.event(err.body())
+    except ClientGone:
+        return
+    finally:
+        await events.aclose()
+    yield sse.DONE

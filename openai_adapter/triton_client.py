@@ -1,0 +1,344 @@
+"""The Triton side: a small Protocol the serving logic depends on, and the real pool.
+
+`TritonPool` holds one gRPC channel (and one HTTP client for health/config) per Triton
+endpoint, reused by every request. A request goes to the least loaded endpoint whose
+circuit is closed and on which the model is ready. Each request is one decoupled
+`ModelStreamInfer` stream; closing the generator early cancels it on Triton.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional, Protocol, Union
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+import tritonclient.http.aio as httpclient
+from tritonclient.grpc import InferInput
+
+from .errors import ClientGone, OpenAIError, from_model_message, unavailable
+
+log = logging.getLogger("openai_adapter.triton")
+
+
+@dataclass
+class GenerationRequest:
+    """One sequence to generate (a choice): what the adapter sends to the model."""
+
+    model: str
+    prompt: Union[str, list[int]]
+    max_tokens: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    ignore_eos: bool = False
+    request_id: str = ""
+
+
+@dataclass
+class Chunk:
+    """One response of the model's stream (a text piece; counts on the last one)."""
+
+    text: str
+    finish_reason: Optional[str] = None
+    num_input_tokens: Optional[int] = None
+    num_output_tokens: Optional[int] = None
+
+
+@dataclass
+class ModelInfo:
+    """What the adapter knows about a served model, from Triton's model-config API."""
+
+    name: str
+    chat_template: str = ""
+    bos_token: str = ""
+    eos_token: str = ""
+    max_model_len: int = 0
+
+
+class LLMClient(Protocol):
+    """What serving needs from the inference side (tests use a fake)."""
+
+    def model(self, name: str) -> ModelInfo:
+        """The model, or raise OpenAIError 404 (unknown) / 503 (not ready anywhere)."""
+
+    def models(self) -> list[ModelInfo]:
+        """Models ready on at least one endpoint."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Stream the model's responses; raises OpenAIError/ClientGone. Closing it cancels."""
+
+
+class CircuitBreaker:
+    """Closed: requests pass. Open after `failures` consecutive upstream failures (or a
+    failed probe): requests fail fast. The health prober closes it again once Triton
+    answers, but not before `open_s` has passed."""
+
+    def __init__(self, failures: int, open_s: float) -> None:
+        self.threshold, self.open_s = failures, open_s
+        self.failures = 0
+        self.opened_at: Optional[float] = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened_at is not None
+
+    def record_failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.trip()
+
+    def trip(self) -> None:
+        if self.opened_at is None:
+            self.opened_at = time.monotonic()
+
+    def record_success(self) -> None:
+        self.failures = 0
+
+    def probe_succeeded(self) -> None:
+        self.failures = 0
+        if self.opened_at is not None and time.monotonic() - self.opened_at >= self.open_s:
+            self.opened_at = None
+
+
+_GRPC_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    # Reconnect quickly once Triton is back (the default backoff grows to minutes).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+# gRPC statuses that say "this endpoint is not serving" (count against its circuit).
+_DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+         grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class Endpoint:
+    """One Triton server: its channels, circuit, load and what it serves."""
+
+    def __init__(self, grpc_url: str, http_url: str, breaker: CircuitBreaker, http_timeout: float) -> None:
+        self.grpc_url, self.http_url = grpc_url, http_url
+        self.breaker = breaker
+        self.in_flight = 0
+        self.models: dict[str, ModelInfo] = {}
+        self.ready: set[str] = set()
+        self.reachable = False
+        self.grpc = grpcclient.InferenceServerClient(grpc_url, channel_args=_GRPC_CHANNEL_ARGS)
+        host = http_url.split("://", 1)[-1].rstrip("/")
+        self.http = httpclient.InferenceServerClient(host, conn_timeout=http_timeout,
+                                                     ssl=http_url.startswith("https://"))
+
+    def usable(self, model: str) -> bool:
+        return not self.breaker.is_open and model in self.ready
+
+    async def refresh(self) -> None:
+        """Learn the models and their readiness; raises when Triton does not answer."""
+        if not await self.http.is_server_live():
+            raise ConnectionError("not live")
+        index = await self.http.get_model_repository_index()
+        ready: set[str] = set()
+        for entry in index:
+            name = entry.get("name", "")
+            if entry.get("state") != "READY" or not await self.http.is_model_ready(name):
+                continue
+            if name not in self.models:
+                info = _model_info(name, await self.http.get_model_config(name))
+                if info is None:
+                    continue  # not a text-generation model
+                self.models[name] = info
+            ready.add(name)
+        self.ready = ready
+        self.reachable = True
+
+    async def close(self) -> None:
+        await self.grpc.close()
+        await self.http.close()
+
+
+def _model_info(name: str, config: dict) -> Optional[ModelInfo]:
+    if not any(i.get("name") == "text_input" for i in config.get("input", [])):
+        return None
+    params = {k: (v.get("string_value", "") if isinstance(v, dict) else str(v))
+              for k, v in (config.get("parameters") or {}).items()}
+    try:
+        max_len = int(params.get("max_model_len") or 0)
+    except ValueError:
+        max_len = 0
+    return ModelInfo(name, params.get("chat_template", ""), params.get("bos_token", ""),
+                     params.get("eos_token", ""), max_len)
+
+
+def _tensor(name: str, dtype: str, arr: np.ndarray) -> InferInput:
+    t = InferInput(name, list(arr.shape), dtype)
+    t.set_data_from_numpy(arr)
+    return t
+
+
+def build_inputs(req: GenerationRequest) -> list[InferInput]:
+    """The model's input tensors (leading batch dimension of 1)."""
+    if isinstance(req.prompt, str):
+        inputs = [_tensor("text_input", "BYTES", np.array([[req.prompt.encode()]], dtype=object))]
+    else:
+        inputs = [_tensor("input_ids", "INT64", np.array([req.prompt], dtype=np.int64))]
+    scalars = [("max_tokens", "INT32", np.int32, req.max_tokens),
+               ("temperature", "FP32", np.float32, req.temperature),
+               ("top_p", "FP32", np.float32, req.top_p),
+               ("top_k", "INT32", np.int32, req.top_k),
+               ("seed", "UINT64", np.uint64, None if req.seed is None else req.seed % 2**64),
+               ("presence_penalty", "FP32", np.float32, req.presence_penalty),
+               ("frequency_penalty", "FP32", np.float32, req.frequency_penalty)]
+    for name, dtype, np_type, value in scalars:
+        if value is not None:
+            inputs.append(_tensor(name, dtype, np.array([[value]], dtype=np_type)))
+    for name, value in (("stream", True), ("exclude_input_in_output", True), ("return_num_input_tokens", True),
+                        ("return_num_output_tokens", True), ("ignore_eos", req.ignore_eos)):
+        inputs.append(_tensor(name, "BOOL", np.array([[value]], dtype=bool)))
+    if req.stop:
+        inputs.append(_tensor("stop_words", "BYTES", np.array([[s.encode() for s in req.stop]], dtype=object)))
+    return inputs
+
+
+def parse_chunk(result) -> Optional[Chunk]:
+    """A Chunk from one InferResult; None for the empty final response."""
+    text = result.as_numpy("text_output")
+    finish = result.as_numpy("finish_reason")
+    if text is None and finish is None:
+        return None
+    pieces = [] if text is None else [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t)
+                                      for t in text.reshape(-1)]
+    reason = None
+    if finish is not None and finish.size:
+        f = finish.reshape(-1)[0]
+        reason = (f.decode() if isinstance(f, bytes) else str(f)) or None
+
+    def count(name: str) -> Optional[int]:
+        v = result.as_numpy(name)
+        return int(v.reshape(-1)[0]) if v is not None and v.size else None
+
+    return Chunk("".join(pieces), reason, count("num_input_tokens"), count("num_output_tokens"))
+
+
+class UpstreamDown(Exception):
+    """The endpoint did not answer (connection-level); another one may."""
+
+
+class TritonPool:
+    """LLMClient over one or more Triton endpoints."""
+
+    def __init__(self, grpc_urls: list[str], http_urls: list[str], *, breaker_failures: int = 3,
+                 breaker_open_s: float = 1.0, http_timeout: float = 5.0, retry_after: int = 1,
+                 on_upstream_error=None) -> None:
+        self.endpoints = [Endpoint(g, h, CircuitBreaker(breaker_failures, breaker_open_s), http_timeout)
+                          for g, h in zip(grpc_urls, http_urls)]
+        self.retry_after = retry_after
+        self._rr = itertools.count()
+        self._on_error = on_upstream_error or (lambda endpoint, kind: None)
+
+    # -- catalog -----------------------------------------------------------------
+    def _all_models(self) -> dict[str, ModelInfo]:
+        out: dict[str, ModelInfo] = {}
+        for ep in self.endpoints:
+            out.update(ep.models)
+        return out
+
+    def models(self) -> list[ModelInfo]:
+        known = self._all_models()
+        ready = {m for ep in self.endpoints if not ep.breaker.is_open for m in ep.ready}
+        return [known[m] for m in sorted(ready) if m in known]
+
+    def model(self, name: str) -> ModelInfo:
+        known = self._all_models()
+        if name not in known:
+            if not any(ep.reachable for ep in self.endpoints):
+                raise unavailable("the inference server is not reachable", self.retry_after)
+            raise OpenAIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
+        if not any(ep.usable(name) for ep in self.endpoints):
+            raise unavailable(f"the model {name!r} is not ready", self.retry_after, code="model_not_ready")
+        return known[name]
+
+    def pick(self, model: str, exclude: set[int] = frozenset()) -> Optional[Endpoint]:
+        """The least loaded usable endpoint (ties in turn)."""
+        candidates = [ep for i, ep in enumerate(self.endpoints) if ep.usable(model) and i not in exclude]
+        if not candidates:
+            return None
+        low = min(ep.in_flight for ep in candidates)
+        best = [ep for ep in candidates if ep.in_flight == low]
+        return best[next(self._rr) % len(best)]
+
+    # -- generation --------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        tried: set[int] = set()
+        while True:
+            ep = self.pick(request.model, tried)
+            if ep is None:
+                raise unavailable(f"the model {request.model!r} is not ready on any inference server",
+                                  self.retry_after, code="model_not_ready")
+            tried.add(self.endpoints.index(ep))
+            started = False
+            try:
+                async for chunk in self._stream(ep, request):
+                    started = True
+                    yield chunk
+                return
+            except UpstreamDown:
+                if started or len(tried) == len(self.endpoints):
+                    raise unavailable("the inference server is not reachable", self.retry_after) from None
+                # nothing was sent yet: try the next endpoint
+
+    async def _stream(self, ep: Endpoint, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        done = asyncio.Event()
+
+        async def requests():
+            yield {"model_name": request.model, "inputs": build_inputs(request), "request_id": request.request_id,
+                   "parameters": {"triton_enable_empty_final_response": True}}
+            await done.wait()  # keep our half open until the final response came
+
+        ep.in_flight += 1
+        finished = False
+        stream = ep.grpc.stream_infer(inputs_iterator=requests())
+        try:
+            while True:
+                try:
+                    result, error = await stream.__anext__()
+                except StopAsyncIteration:
+                    finished = True
+                    raise UpstreamDown("stream ended without the final response") from None
+                except grpc.aio.AioRpcError as err:
+                    finished = True
+                    self._on_error(ep.grpc_url, err.code().name.lower())
+                    if err.code() in _DOWN:
+                        ep.breaker.record_failure()
+                        raise UpstreamDown(str(err.details())) from None
+                    raise from_model_message(str(err.details()), self.retry_after) from None
+                if error is not None:
+                    finished = True
+                    mapped = from_model_message(error.message(), self.retry_after)
+                    if isinstance(mapped, OpenAIError) and mapped.code == "model_not_ready":
+                        ep.ready.discard(request.model)
+                    if not isinstance(mapped, ClientGone) and mapped.status >= 500:
+                        self._on_error(ep.grpc_url, "model_error")
+                    raise mapped
+                ep.breaker.record_success()
+                final = result.get_response().parameters["triton_final_response"].bool_param \
+                    if "triton_final_response" in result.get_response().parameters else False
+                chunk = parse_chunk(result)
+                if chunk is not None:
+                    yield chunk
+                if final:
+                    finished = True
+                    return
+        finally:
+            done.set()
+            ep.in_flight -= 1
+            if not finished:
+                stream.cancel()  # client gone, deadline, or stop found here: free the model's slot
