@@ -1,19 +1,88 @@
-"""Placeholder: echoes text_input once, decoupled. Replaced by the real engine."""
+"""The `llm` Python-based backend: Triton's side of the engine, kept thin.
+
+`initialize` reads the engine parameters from config.pbtxt and loads the engine (a
+load error leaves the model not ready with the reason in the log); `execute` parses
+each request and hands it to the engine thread, which sends the responses;
+`finalize` drains what is in flight. Everything else lives in plain modules.
+"""
+
 import json
-import numpy as np
+import logging
+from pathlib import Path
+
 import triton_python_backend_utils as pb_utils
+
+from llm_backend.engine import ModelLoadError
+from llm_backend.metrics import TritonMetrics
+from llm_backend.model_config import EngineParams
+from llm_backend.protocol import ResponseSink, parse_request
+from llm_backend.scheduler import CANCELLED, CONTEXT, INTERNAL, INVALID, OVER_CAPACITY, RequestError
+from llm_backend.service import load_engine
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# TritonError and friends are injected by the stub after import: look codes up late.
+CODES = {INVALID: "INVALID_ARG", CONTEXT: "INVALID_ARG", OVER_CAPACITY: "UNAVAILABLE",
+         CANCELLED: "CANCELLED", INTERNAL: "INTERNAL"}
+
+
+class TritonSender:
+    """protocol.Sender over a decoupled response sender."""
+
+    def __init__(self, sender):
+        self.sender = sender
+
+    def send(self, outputs, final):
+        if outputs is None:
+            self.sender.send(flags=FINAL)
+            return
+        tensors = [pb_utils.Tensor(name, value) for name, value in outputs.items()]
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if final else 0)
+
+    def send_error(self, kind, message):
+        error = pb_utils.TritonError(f"{kind}: {message}", getattr(pb_utils.TritonError, CODES[kind]))
+        self.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
+
+    def is_cancelled(self):
+        return self.sender.is_cancelled()
+
+
+def _input(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.cfg = json.loads(args["model_config"])
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        config = json.loads(args["model_config"])
+        name, version = args["model_name"], args["model_version"]
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise pb_utils.TritonModelException(f"model {name}: config.pbtxt must set "
+                                                "model_transaction_policy { decoupled: true }")
+        try:
+            params = EngineParams.from_parameters(config.get("parameters", {}))
+            version_dir = Path(args["model_repository"]) / version
+            metrics = TritonMetrics(pb_utils, {"model": name, "version": version})
+            self.engine, self.tokenizer = load_engine(version_dir, params, metrics)
+        except (ModelLoadError, ValueError) as err:
+            pb_utils.Logger.log_error(f"model {name} version {version} cannot load: {err}")
+            raise pb_utils.TritonModelException(f"model {name} version {version} cannot load: {err}") from err
+        pb_utils.Logger.log_info(f"model {name} version {version} ready: {params}")
 
     def execute(self, requests):
         for request in requests:
-            sender = request.get_response_sender()
-            t = pb_utils.get_input_tensor_by_name(request, "text_input")
-            text = t.as_numpy().reshape(-1)[0] if t is not None else b""
-            out = pb_utils.Tensor("text_output", np.array([[text]], dtype=object))
-            sender.send(pb_utils.InferenceResponse(output_tensors=[out]))
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            sender = TritonSender(request.get_response_sender())
+            try:
+                req = parse_request(lambda n, r=request: _input(r, n), self.tokenizer)
+                self.engine.submit(req.prompt, req.params, ResponseSink(sender, req))
+            except RequestError as err:
+                sender.send_error(err.kind, err.message)
+            except Exception as err:  # never leave a request without its final flag
+                pb_utils.Logger.log_error(f"execute: {err!r}")
+                sender.send_error(INTERNAL, "the request could not be queued")
         return None
+
+    def finalize(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()

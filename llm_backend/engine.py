@@ -1,0 +1,223 @@
+"""The decoder: one onnxruntime session over the builder's ONNX model, with a shared
+KV buffer of one slot (row) per sequence, bound in place through io_binding.
+
+The builder's `GroupQueryAttention` takes each row's length from the attention mask
+and writes the new keys/values into the bound past buffer at that position
+(`past_present_share_buffer`), so nothing is concatenated or copied per step:
+binding the same memory as `past_key_values.L.x` and `present.L.x` is enough.
+
+Rows `[0, n)` are decoded together in one call; the scheduler keeps the rows it
+decodes packed at the front (`move_row` on departure). Importable without Triton.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The model directory's artifacts are missing, unreadable or inconsistent."""
+
+
+@dataclass
+class DecoderSpec:
+    num_layers: int
+    kv_heads: int
+    head_size: int
+    vocab_size: int
+    context_length: int
+    eos_token_ids: list[int]
+    bos_token_id: int | None
+    key_names: str = "past_key_values.%d.key"
+    value_names: str = "past_key_values.%d.value"
+    present_key_names: str = "present.%d.key"
+    present_value_names: str = "present.%d.value"
+
+    @classmethod
+    def from_genai_config(cls, path: Path) -> "DecoderSpec":
+        try:
+            cfg = json.loads(Path(path).read_text())
+            m = cfg["model"]
+            dec = m["decoder"]
+            eos = m.get("eos_token_id", [])
+            eos = list(eos) if isinstance(eos, list) else [eos]
+            return cls(
+                num_layers=int(dec["num_hidden_layers"]),
+                kv_heads=int(dec["num_key_value_heads"]),
+                head_size=int(dec["head_size"]),
+                vocab_size=int(m["vocab_size"]),
+                context_length=int(m.get("context_length", 0)),
+                eos_token_ids=[int(e) for e in eos],
+                bos_token_id=m.get("bos_token_id"),
+                key_names=dec.get("inputs", {}).get("past_key_names", cls.key_names),
+                value_names=dec.get("inputs", {}).get("past_value_names", cls.value_names),
+                present_key_names=dec.get("outputs", {}).get("present_key_names", cls.present_key_names),
+                present_value_names=dec.get("outputs", {}).get("present_value_names", cls.present_value_names),
+            )
+        except FileNotFoundError as err:
+            raise ModelLoadError(f"missing {path.name} in {path.parent}") from err
+        except (ValueError, KeyError, TypeError) as err:
+            raise ModelLoadError(f"cannot read {path}: {err!r}") from err
+
+    def row_bytes(self, max_len: int) -> int:
+        """KV bytes of one slot (all layers, keys and values, fp32)."""
+        return self.num_layers * 2 * self.kv_heads * max_len * self.head_size * 4
+
+
+class Decoder:
+    """Session + KV slots. Not thread-safe: one engine thread drives it."""
+
+    def __init__(self, model_dir: Path, onnx_model: str = "model.onnx", *, num_slots: int,
+                 max_len: int, device: str = "cpu", intra_op_threads: int = 0,
+                 kv_cache_gpu_fraction: float = 0.5, kv_cache_mb: int = 0):
+        import onnxruntime as ort
+
+        model_dir = Path(model_dir)
+        self.spec = DecoderSpec.from_genai_config(model_dir / "genai_config.json")
+        onnx_path = model_dir / onnx_model
+        if not onnx_path.is_file():
+            raise ModelLoadError(f"missing ONNX model {onnx_path}")
+        self.device = device
+        threads = intra_op_threads or os.cpu_count() or 1
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads   # explicit: the default was 1.5-1.8x slower here
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if device == "cuda":
+            providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+        elif device == "cpu":
+            providers = ["CPUExecutionProvider"]
+        else:
+            raise ModelLoadError(f"device must be cpu or cuda, got {device!r}")
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), so, providers=providers)
+        except Exception as err:  # onnxruntime raises its own exception types
+            raise ModelLoadError(f"onnxruntime cannot load {onnx_path}: {err}") from err
+        if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise ModelLoadError("device is cuda but onnxruntime has no CUDAExecutionProvider")
+        names = {i.name for i in self.session.get_inputs()}
+        needed = {"input_ids", "attention_mask", self.spec.key_names % 0}
+        if not needed <= names:
+            raise ModelLoadError(f"{onnx_path.name} lacks inputs {sorted(needed - names)}")
+        logits = next((o for o in self.session.get_outputs() if o.name == "logits"), None)
+        if logits is None:
+            raise ModelLoadError(f"{onnx_path.name} has no 'logits' output")
+        self.threads = threads
+        self.max_len = max_len
+        sp = self.spec
+        self.row_shape = (sp.kv_heads, max_len, sp.head_size)
+        self.row_bytes = sp.row_bytes(max_len)
+        if device == "cuda":
+            num_slots = self._gpu_slots(num_slots, kv_cache_gpu_fraction)
+        self.num_slots = num_slots
+        self._alloc(num_slots)
+        log.info("decoder: %s, %d layers, %d slots x %d tokens (%.0f MB KV), %d threads, %s",
+                 onnx_path, sp.num_layers, num_slots, max_len,
+                 num_slots * self.row_bytes / 2**20, threads, self.session.get_providers()[0])
+
+    # -- memory ---------------------------------------------------------------------------
+    def _gpu_slots(self, wanted: int, fraction: float) -> int:
+        """GPU: KV slots that fit in `fraction` of the free device memory (untested here)."""
+        import torch  # the CUDA path keeps the KV buffers as torch device tensors
+
+        free, _total = torch.cuda.mem_get_info(0)
+        fit = int(free * fraction // self.row_bytes)
+        if fit < 1:
+            raise ModelLoadError(f"kv_cache_gpu_fraction={fraction} of {free >> 20} MB free "
+                                 f"holds no slot of {self.row_bytes >> 20} MB")
+        return min(wanted, fit)
+
+    def _alloc(self, n: int) -> None:
+        sp = self.spec
+        shape = (n, *self.row_shape)
+        if self.device == "cuda":
+            import torch
+            self.kv = [[torch.zeros(shape, dtype=torch.float32, device="cuda") for _ in range(2)]
+                       for _ in range(sp.num_layers)]
+        else:
+            # np.zeros maps untouched pages lazily: memory is used as sequences grow.
+            self.kv = [[np.zeros(shape, dtype=np.float32) for _ in range(2)]
+                       for _ in range(sp.num_layers)]
+
+    def _ptr(self, buf, row: int) -> int:
+        base = buf.data_ptr() if self.device == "cuda" else buf.ctypes.data
+        return base + row * (self.row_bytes // (self.spec.num_layers * 2))
+
+    # -- the two calls --------------------------------------------------------------------
+    def _bind_kv(self, binding, first: int, count: int) -> None:
+        sp = self.spec
+        shape = [count, *self.row_shape]
+        for layer in range(sp.num_layers):
+            for kind, (past, present) in enumerate(((sp.key_names, sp.present_key_names),
+                                                    (sp.value_names, sp.present_value_names))):
+                ptr = self._ptr(self.kv[layer][kind], first)
+                binding.bind_input(past % layer, self.device, 0, np.float32, shape, ptr)
+                binding.bind_output(present % layer, self.device, 0, np.float32, shape, ptr)
+
+    def _run(self, input_ids: np.ndarray, mask: np.ndarray, first: int, count: int) -> np.ndarray:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_output("logits", "cpu")      # first: outputs return in binding order
+        self._bind_kv(binding, first, count)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy().copy()
+
+    def prefill(self, row: int, tokens: list[int] | np.ndarray, past_len: int) -> np.ndarray:
+        """Run `tokens` on row `row`, whose first `past_len` positions are already filled.
+        Returns the logits of the last token, [vocab]."""
+        n = len(tokens)
+        if past_len + n > self.max_len:
+            raise ValueError(f"row {row}: {past_len}+{n} exceeds {self.max_len}")
+        ids = np.asarray(tokens, dtype=np.int64).reshape(1, n)
+        mask = np.ones((1, past_len + n), dtype=np.int64)
+        logits = self._run(ids, mask, row, 1)
+        return logits[0, -1]
+
+    def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """One step for rows [0, n): row i has `lengths[i]` positions filled and gets
+        `tokens[i]`. Returns logits [n, vocab]."""
+        n = len(tokens)
+        width = int(lengths.max()) + 1
+        mask = (np.arange(width)[None, :] <= lengths[:, None]).astype(np.int64)
+        logits = self._run(np.asarray(tokens, dtype=np.int64).reshape(n, 1), mask, 0, n)
+        return logits[:, -1]
+
+    # -- rows -------------------------------------------------------------------------------
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of row `src` to row `dst`."""
+        if src == dst or length <= 0:
+            return
+        for layer in self.kv:
+            for buf in layer:
+                buf[dst, :, :length] = buf[src, :, :length]
+
+    def read_rows(self, row: int, start: int, stop: int) -> np.ndarray:
+        """KV of positions [start, stop) of a row: [layers, 2, kv_heads, stop-start, head]."""
+        out = np.empty((self.spec.num_layers, 2, self.spec.kv_heads, stop - start, self.spec.head_size),
+                       dtype=np.float32)
+        for li, layer in enumerate(self.kv):
+            for k, buf in enumerate(layer):
+                part = buf[row, :, start:stop]
+                out[li, k] = part.cpu().numpy() if self.device == "cuda" else part
+        return out
+
+    def write_rows(self, row: int, start: int, block: np.ndarray) -> None:
+        """Inverse of read_rows."""
+        stop = start + block.shape[3]
+        for li, layer in enumerate(self.kv):
+            for k, buf in enumerate(layer):
+                if self.device == "cuda":
+                    import torch
+                    buf[row, :, start:stop] = torch.from_numpy(block[li, k]).to(buf.device)
+                else:
+                    buf[row, :, start:stop] = block[li, k]

@@ -1,0 +1,389 @@
+"""Continuous batching over the decoder's KV slots.
+
+One engine thread runs `step()` in a loop. Each step:
+
+1. drops cancelled requests (waiting or running), freeing their slots;
+2. prefills newcomers, at most `prefill_chunk` prompt tokens per step, one sequence at
+   a time in arrival order, after copying any cached prefix into its slot; a long
+   prompt is split over several steps so running streams keep decoding;
+3. decodes every running sequence together in one call;
+4. samples, detokenizes, applies stop strings, hands text to each request's sink, and
+   lets finished sequences leave.
+
+Rows: decoding sequences occupy rows [0, d) of the KV buffer, the sequence being
+prefilled row d. A departure moves the last decoding row into the hole (one copy per
+departure, not per step). Importable and testable without Triton.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from .detokenizer import IncrementalDetokenizer, StopStringBuffer
+from .prefix_cache import PrefixCache
+from .sampling import Sampler, SamplingParams
+
+log = logging.getLogger(__name__)
+
+# Error kinds: message prefixes of ARCHITECTURE.md ("kind: message").
+INVALID = "invalid_request"
+CONTEXT = "context_length_exceeded"
+OVER_CAPACITY = "over_capacity"
+CANCELLED = "cancelled"
+INTERNAL = "internal"
+
+
+class RequestError(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+class Sink(Protocol):
+    """Where a request's output goes (model.py: a Triton response sender)."""
+
+    def is_cancelled(self) -> bool: ...
+
+    def piece(self, text: str, logprobs: list[float]) -> None: ...
+
+    def finish(self, text: str, logprobs: list[float], finish_reason: str,
+               num_input_tokens: int, num_output_tokens: int) -> None: ...
+
+    def fail(self, kind: str, message: str) -> None: ...
+
+
+class Metrics(Protocol):
+    def state(self, waiting: int, running: int, kv_usage: float) -> None: ...
+
+    def first_token(self, seconds: float, prompt_tokens: int) -> None: ...
+
+    def tokens(self, n: int, inter_token_seconds: list[float]) -> None: ...
+
+
+class NullMetrics:
+    def state(self, waiting, running, kv_usage):
+        pass
+
+    def first_token(self, seconds, prompt_tokens):
+        pass
+
+    def tokens(self, n, inter_token_seconds):
+        pass
+
+
+@dataclass
+class Sequence:
+    prompt: list[int]
+    params: SamplingParams
+    sink: Sink
+    max_tokens: int
+    sampler: Sampler
+    detok: IncrementalDetokenizer
+    stops: StopStringBuffer
+    arrival: float = field(default_factory=time.monotonic)
+    computed: int = 0                    # KV positions filled
+    output: list[int] = field(default_factory=list)
+    next_token: int = -1                 # sampled, not yet in the KV cache
+    last_time: float = 0.0
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = ""
+    tail: str = ""                       # text released by the finishing token
+
+
+class Scheduler:
+    """Owns the decoder; `submit` may be called from any thread, `step` from one."""
+
+    def __init__(self, decoder, tokenizer, *, max_model_len: int, max_queue_size: int,
+                 prefill_chunk: int, prefix_cache: PrefixCache | None = None,
+                 metrics: Metrics | None = None, eos_token_ids: list[int] | None = None):
+        self.dec = decoder
+        self.tok = tokenizer
+        self.max_model_len = max_model_len
+        self.max_queue_size = max_queue_size
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.cache = prefix_cache or PrefixCache(0)
+        self.metrics = metrics or NullMetrics()
+        self.eos = set(eos_token_ids if eos_token_ids is not None else decoder.spec.eos_token_ids)
+        self.vocab = decoder.spec.vocab_size
+        self.inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self.waiting: deque[Sequence] = deque()
+        self.rows: list[Sequence] = []          # decoding, row i = rows[i]
+        self.prefilling: Sequence | None = None  # at row len(self.rows)
+        self._lock = threading.Lock()
+        self._pending = 0                        # submitted, not yet in a slot
+        self._last_state = None
+
+    # -- admission (any thread) -------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams, sink: Sink) -> None:
+        """Validate and queue; raises RequestError for the caller to report."""
+        n = len(prompt)
+        if n == 0:
+            raise RequestError(INVALID, "the prompt is empty (text_input or input_ids)")
+        if any(t < 0 or t >= self.vocab for t in prompt):
+            raise RequestError(INVALID, f"input_ids must be in [0, {self.vocab}), got "
+                                        f"{next(t for t in prompt if t < 0 or t >= self.vocab)}")
+        limit = self.max_model_len
+        if params.max_tokens is None:
+            if n >= limit:
+                raise RequestError(CONTEXT, f"this model's maximum context length is {limit} tokens, "
+                                            f"but the prompt has {n} tokens")
+            max_tokens = limit - n
+        else:
+            max_tokens = params.max_tokens
+            if n + max_tokens > limit:
+                raise RequestError(CONTEXT, f"this model's maximum context length is {limit} tokens, "
+                                            f"but {n + max_tokens} were requested ({n} in the prompt, "
+                                            f"{max_tokens} for the completion)")
+        seq = Sequence(prompt=list(prompt), params=params, sink=sink, max_tokens=max_tokens,
+                       sampler=Sampler(params, self.vocab),
+                       detok=IncrementalDetokenizer(self.tok, prompt),
+                       stops=StopStringBuffer(params.stop))
+        with self._lock:
+            if self._pending >= self.max_queue_size + self.free_rows():
+                raise RequestError(OVER_CAPACITY, f"{self._pending} requests are waiting "
+                                                  f"(max_queue_size {self.max_queue_size}); retry later")
+            self._pending += 1
+        self.inbox.put(seq)
+
+    def free_rows(self) -> int:
+        return self.dec.num_slots - len(self.rows) - (self.prefilling is not None)
+
+    # -- the engine loop (one thread) ----------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        return not self.rows and self.prefilling is None and not self.waiting and self.inbox.empty()
+
+    def wait_for_work(self, timeout: float) -> None:
+        if self.idle:
+            try:
+                self.waiting.append(self.inbox.get(timeout=timeout))
+            except queue.Empty:
+                pass
+
+    def step(self) -> None:
+        while True:
+            try:
+                self.waiting.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        self._drop_cancelled()
+        self._prefill()
+        self._decode()
+        self._report_state()
+
+    def abort_all(self, kind: str, message: str) -> None:
+        """Fail everything in flight (unload)."""
+        self.step_inbox_drain()
+        for seq in list(self.waiting) + self.rows + ([self.prefilling] if self.prefilling else []):
+            self._safe(seq.sink.fail, kind, message)
+        with self._lock:
+            self._pending -= len(self.waiting)
+        self.waiting.clear()
+        self.rows.clear()
+        self.prefilling = None
+
+    def step_inbox_drain(self) -> None:
+        while True:
+            try:
+                self.waiting.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    # -- pieces of a step ------------------------------------------------------------------------
+    def _drop_cancelled(self) -> None:
+        keep = deque()
+        for seq in self.waiting:
+            if self._cancelled(seq):
+                with self._lock:
+                    self._pending -= 1
+            else:
+                keep.append(seq)
+        self.waiting = keep
+        if self.prefilling is not None and self._cancelled(self.prefilling):
+            self.prefilling = None
+        gone = [i for i, seq in enumerate(self.rows) if self._cancelled(seq)]
+        self._remove_rows(gone)
+
+    def _cancelled(self, seq: Sequence) -> bool:
+        try:
+            cancelled = seq.sink.is_cancelled()
+        except Exception:  # a sender that cannot answer is as good as gone
+            cancelled = True
+        if cancelled:
+            self._safe(seq.sink.fail, CANCELLED, "the request was cancelled by the client")
+        return cancelled
+
+    def _prefill(self) -> None:
+        budget = self.prefill_chunk
+        while budget > 0:
+            if self.prefilling is None:
+                if not self.waiting or self.free_rows() < 1:
+                    return
+                seq = self.waiting.popleft()
+                with self._lock:
+                    self._pending -= 1
+                self.prefilling = seq
+                row = len(self.rows)
+                for i, kv in enumerate(self.cache.lookup(seq.prompt)):
+                    self.dec.write_rows(row, i * self.cache.block, kv)
+                    seq.computed += kv.shape[3]
+            seq, row = self.prefilling, len(self.rows)
+            chunk = seq.prompt[seq.computed:seq.computed + budget]
+            try:
+                logits = self.dec.prefill(row, chunk, seq.computed)
+            except Exception as err:
+                log.exception("prefill failed")
+                self.prefilling = None
+                self._safe(seq.sink.fail, INTERNAL, f"prefill failed: {err}")
+                continue
+            seq.computed += len(chunk)
+            budget -= len(chunk)
+            if seq.computed < len(seq.prompt):
+                continue
+            self.prefilling = None
+            self._cache_prompt(seq, row)
+            now = time.monotonic()
+            self.metrics.first_token(now - seq.arrival, len(seq.prompt))
+            seq.last_time = now
+            if self._accept(seq, logits):
+                self._finish_after_step(seq)
+            else:
+                self.rows.append(seq)
+
+    def _cache_prompt(self, seq: Sequence, row: int) -> None:
+        b = self.cache.block
+        for i, key in self.cache.missing(seq.prompt):
+            self.cache.insert(key, self.dec.read_rows(row, i * b, (i + 1) * b))
+
+    def _decode(self) -> None:
+        if not self.rows:
+            return
+        tokens = np.array([s.next_token for s in self.rows], dtype=np.int64)
+        lengths = np.array([s.computed for s in self.rows], dtype=np.int64)
+        try:
+            logits = self.dec.decode(tokens, lengths)
+        except Exception as err:
+            log.exception("decode failed")
+            for seq in self.rows:
+                self._safe(seq.sink.fail, INTERNAL, f"decode failed: {err}")
+            self.rows.clear()
+            if self.prefilling is not None:   # its partial KV is at row 0 now in spirit: restart it
+                self.prefilling.computed = 0
+            return
+        now = time.monotonic()
+        done, gaps = [], []
+        for i, seq in enumerate(self.rows):
+            seq.computed += 1
+            gaps.append(now - seq.last_time)
+            seq.last_time = now
+            if self._accept(seq, logits[i]):
+                done.append(i)
+        self.metrics.tokens(len(self.rows), gaps)
+        for i in done:
+            self._finish_after_step(self.rows[i])
+        self._remove_rows(done)
+
+    def _accept(self, seq: Sequence, logits: np.ndarray) -> bool:
+        """Sample one token for `seq` and send its text; True when the sequence is done."""
+        token, lp = seq.sampler(logits)
+        seq.next_token = token
+        if lp is not None:
+            seq.logprobs.append(lp)
+        if token in self.eos and not seq.params.ignore_eos:
+            seq.finish_reason = "stop"
+            return True
+        seq.output.append(token)
+        text = seq.stops.push(seq.detok.push(token))
+        if seq.stops.stopped:
+            seq.finish_reason, seq.tail = "stop", text
+            return True
+        if len(seq.output) >= seq.max_tokens or len(seq.prompt) + len(seq.output) >= self.max_model_len:
+            seq.finish_reason = "length"
+            seq.tail = text
+            return True
+        if text:
+            lps, seq.logprobs = seq.logprobs, []
+            self._safe(seq.sink.piece, text, lps)
+        return False
+
+    def _finish_after_step(self, seq: Sequence) -> None:
+        tail = seq.tail
+        if not seq.stops.stopped:
+            tail += seq.stops.push(seq.detok.flush())
+            tail += seq.stops.flush()
+        self._safe(seq.sink.finish, tail, seq.logprobs, seq.finish_reason,
+                   len(seq.prompt), len(seq.output))
+
+    def _remove_rows(self, indices: list[int]) -> None:
+        for i in sorted(indices, reverse=True):
+            last = len(self.rows) - 1
+            if i != last:
+                moved = self.rows[last]
+                self.dec.move_row(last, i, moved.computed)
+                self.rows[i] = moved
+            self.rows.pop()
+            if self.prefilling is not None:   # keep it right after the decoding rows
+                self.dec.move_row(last + 1, last, self.prefilling.computed)
+
+    def _report_state(self) -> None:
+        running = len(self.rows) + (self.prefilling is not None)
+        used = sum(s.computed for s in self.rows) + (self.prefilling.computed if self.prefilling else 0)
+        state = (len(self.waiting) + self.inbox.qsize(), running,
+                 round(used / (self.dec.num_slots * self.dec.max_len), 4))
+        if state != self._last_state:
+            self._last_state = state
+            self.metrics.state(*state)
+
+    @staticmethod
+    def _safe(fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("sending a response failed")
+
+
+class EngineThread:
+    """Runs the scheduler's steps on a daemon thread (the vllm_backend structure: Triton's
+    execute() only submits; responses are sent from here)."""
+
+    def __init__(self, scheduler: Scheduler, idle_wait: float = 0.05):
+        self.sched = scheduler
+        self.idle_wait = idle_wait
+        self.closed = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: list[int], params: SamplingParams, sink: Sink) -> None:
+        if self.closed:
+            raise RequestError(OVER_CAPACITY, "the model is unloading; retry later")
+        self.sched.submit(prompt, params, sink)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sched.wait_for_work(self.idle_wait)
+                if not self.sched.idle:
+                    self.sched.step()
+            except Exception as err:  # keep serving: fail what was in flight, go on
+                log.exception("engine step failed")
+                self.sched.abort_all(INTERNAL, f"engine step failed: {err}")
+
+    def close(self, drain_timeout: float = 30.0) -> None:
+        """Stop admitting, let requests in flight finish (up to the timeout), fail the rest."""
+        self.closed = True
+        deadline = time.monotonic() + drain_timeout
+        while not self.sched.idle and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.sched.abort_all(INTERNAL, "the model was unloaded before the request finished")

@@ -1,0 +1,65 @@
+"""Building the engine from a model version directory and its EngineParams."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .engine import Decoder, ModelLoadError
+from .model_config import EngineParams
+from .prefix_cache import PrefixCache
+from .scheduler import EngineThread, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+def load_tokenizer(version_dir: Path):
+    from tokenizers import Tokenizer
+
+    path = Path(version_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise ModelLoadError(f"missing {path}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:
+        raise ModelLoadError(f"cannot read {path}: {err}") from err
+
+
+def kv_slots(params: EngineParams, row_bytes: int) -> int:
+    """Slots of max_model_len tokens that the CPU KV budget holds."""
+    if params.kv_cache_mb <= 0:
+        return params.max_num_seqs
+    fit = params.kv_cache_mb * 2**20 // row_bytes
+    if fit < 1:
+        raise ModelLoadError(f"kv_cache_mb={params.kv_cache_mb} holds no sequence of max_model_len="
+                             f"{params.max_model_len} tokens ({row_bytes / 2**20:.1f} MB each)")
+    return min(params.max_num_seqs, fit)
+
+
+def load_engine(version_dir: Path, params: EngineParams, metrics=None) -> tuple[EngineThread, object]:
+    """(engine thread, tokenizer); raises ModelLoadError with a clear message."""
+    version_dir = Path(version_dir)
+    if not version_dir.is_dir():
+        raise ModelLoadError(f"missing model version directory {version_dir}")
+    if params.max_num_seqs < 1 or params.max_model_len < 2:
+        raise ModelLoadError(f"max_num_seqs ({params.max_num_seqs}) and max_model_len "
+                             f"({params.max_model_len}) must be positive")
+    tokenizer = load_tokenizer(version_dir)
+    from .engine import DecoderSpec
+    spec = DecoderSpec.from_genai_config(version_dir / "genai_config.json")
+    if spec.context_length and params.max_model_len > spec.context_length:
+        raise ModelLoadError(f"max_model_len={params.max_model_len} exceeds the model's context "
+                             f"length {spec.context_length}")
+    slots = params.max_num_seqs if params.device == "cuda" else kv_slots(params, spec.row_bytes(params.max_model_len))
+    decoder = Decoder(version_dir, params.onnx_model, num_slots=slots, max_len=params.max_model_len,
+                      device=params.device, intra_op_threads=params.intra_op_threads or (os.cpu_count() or 1),
+                      kv_cache_gpu_fraction=params.kv_cache_gpu_fraction)
+    eos = set(spec.eos_token_ids)
+    if params.eos_token and tokenizer.token_to_id(params.eos_token) is not None:
+        eos.add(tokenizer.token_to_id(params.eos_token))
+    sched = Scheduler(decoder, tokenizer, max_model_len=params.max_model_len,
+                      max_queue_size=params.max_queue_size, prefill_chunk=params.prefill_chunk,
+                      prefix_cache=PrefixCache(params.prefix_cache_mb * 2**20),
+                      metrics=metrics, eos_token_ids=sorted(eos))
+    return EngineThread(sched), tokenizer
