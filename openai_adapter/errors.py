@@ -78,7 +78,7 @@ def from_model_message(message: str, retry_after: int) -> OpenAIError | ClientGo
             if prefix == "invalid_request: ":
                 return invalid(text)
             if prefix == "context_length_exceeded: ":
-                return invalid(text, param="messages", code="context_length_exceeded")
+                return invalid(text, code="context_length_exceeded")
             if prefix == "over_capacity: ":
                 return over_capacity(text, retry_after)
             if prefix == "cancelled: ":
@@ -94,11 +94,18 @@ def from_model_message(message: str, retry_after: int) -> OpenAIError | ClientGo
     return OpenAIError(500, "the inference server failed to process the request", code="upstream_error")
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "constrained-str", "constrained-int"}
+
+
+def _most_telling(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of a union's errors, one about the value (too long, too big) beats "wrong type"."""
+    return sorted(errors, key=lambda e: e.get("type", "").endswith(("_type", "_parsing")))[0]
+
+
 def _validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
+    # pydantic puts union member tags in loc ("constrained-str", "list[str]"): not field names.
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    # pydantic puts the union member tag in loc ("str", "list[str]"): drop those.
-    loc = [p for p in loc if not (p.startswith(("list[", "dict[")) or p in ("str", "int", "float", "bool",
-                                                                             "function-after[...]"))]
+    loc = [p for p in loc if not any(c in p for c in "[-") and p not in _TYPE_TAGS]
     param = ".".join(loc) or None
     kind = err.get("type", "")
     if kind == "json_invalid":
@@ -108,7 +115,12 @@ def _validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
     if kind == "model_attributes_type" and not loc:
         return "the request body must be a JSON object", None
     received = err.get("input")
-    text = repr(received) if not isinstance(received, (dict, list)) else type(received).__name__
+    if isinstance(received, list):
+        text = f"a list of {len(received)}"
+    elif isinstance(received, dict):
+        text = "an object"
+    else:
+        text = repr(received)
     if len(text) > 80:
         text = text[:77] + "..."
     where = f"{param}: " if param else ""
@@ -125,9 +137,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        message, param = _validation_message(errors[0]) if errors else ("invalid request", None)
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+        message, param = _validation_message(_most_telling(errors)) if errors else ("invalid request", None)
+        others = {_validation_message(e)[1] for e in errors} - {param}
+        if others:
+            message += f" (and {len(others)} more invalid field{'s' if len(others) > 1 else ''})"
         return invalid(message, param=param).response()
 
     @app.exception_handler(StarletteHTTPException)

@@ -1,0 +1,147 @@
+"""Pure unit tests of the adapter's building blocks."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from openai_adapter import chat_template
+from openai_adapter.admission import Admission
+from openai_adapter.errors import ClientGone, OpenAIError, from_model_message
+from openai_adapter.settings import Settings
+from openai_adapter.stop import StopChecker
+from openai_adapter.triton_client import CircuitBreaker, GenerationRequest, build_inputs
+
+
+def test_stop_checker_holds_back_possible_prefix_and_cuts():
+    s = StopChecker(["END"])
+    assert s.feed("abc E") == ("abc ", False)
+    assert s.feed("N") == ("", False)
+    assert s.feed("Dxyz") == ("", True)
+    s = StopChecker(["END"])
+    assert s.feed("abc EN") == ("abc ", False)
+    assert s.feed("x") == ("ENx", False)
+    assert s.flush() == ""
+    assert StopChecker([]).feed("anything") == ("anything", False)
+    s = StopChecker(["\n\n", "###"])
+    assert s.feed("a\n") == ("a", False)
+    assert s.feed("\nb") == ("", True)
+
+
+async def test_admission_queue_and_refusal():
+    a = Admission(max_in_flight=1, max_waiting=1)
+    await a.acquire()
+    waiter = asyncio.ensure_future(a.acquire())
+    await asyncio.sleep(0)
+    assert a.waiting == 1
+    with pytest.raises(OpenAIError) as err:
+        await a.acquire()
+    assert err.value.status == 429 and err.value.retry_after == 1
+    a.release()
+    await waiter
+    assert a.in_flight == 1 and a.waiting == 0
+    a.release()
+    assert a.in_flight == 0
+
+
+async def test_admission_cancelled_waiter_leaves_line():
+    a = Admission(max_in_flight=1, max_waiting=2)
+    await a.acquire()
+    waiter = asyncio.ensure_future(a.acquire())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    assert a.waiting == 0
+    a.release()
+    assert a.in_flight == 0
+
+
+def test_circuit_breaker_opens_after_failures_and_probe_closes_after_open_time():
+    b = CircuitBreaker(failures=2, open_s=0.0)
+    b.record_failure()
+    assert not b.is_open
+    b.record_failure()
+    assert b.is_open
+    b.probe_succeeded()
+    assert not b.is_open
+    b = CircuitBreaker(failures=3, open_s=60)
+    b.trip()
+    b.probe_succeeded()
+    assert b.is_open  # not before open_s
+
+
+@pytest.mark.parametrize("message,status,code", [
+    ("invalid_request: temperature must be >= 0, got -1", 400, None),
+    ("context_length_exceeded: context length 2048, prompt 3000", 400, "context_length_exceeded"),
+    ("over_capacity: 64 requests waiting", 429, "over_capacity"),
+    ("internal: onnxruntime failed", 500, "internal_error"),
+    ("[StatusCode.UNAVAILABLE] Exceeds maximum queue size", 429, "over_capacity"),
+    ("Request for unknown model: 'x' is not found", 503, "model_not_ready"),
+    ("something odd in /opt/tritonserver/x.cc:12", 500, "upstream_error"),
+])
+def test_model_error_prefixes_map(message, status, code):
+    err = from_model_message(message, 1)
+    assert isinstance(err, OpenAIError) and err.status == status and err.code == code
+    assert not err.message.startswith(("invalid_request:", "internal:", "over_capacity:"))
+    assert "/opt" not in err.message
+    if status == 429:
+        assert err.headers() == {"Retry-After": "1"}
+
+
+def test_cancelled_prefix_means_client_gone():
+    assert isinstance(from_model_message("cancelled: request cancelled", 1), ClientGone)
+
+
+SMOL = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+        "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_chat_template_like_transformers():
+    out = chat_template.render(SMOL, [{"role": "user", "content": "Hi"}])
+    assert out == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                   "<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_chat_template_errors_are_400():
+    strict = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(OpenAIError) as err:
+        chat_template.render(strict, [{"role": "system", "content": "x"}])
+    assert err.value.status == 400 and "System role not supported" in err.value.message
+    with pytest.raises(OpenAIError) as err:
+        chat_template.render("{% for %}", [{"role": "user", "content": "x"}])
+    assert err.value.status == 400
+    with pytest.raises(OpenAIError) as err:
+        chat_template.render("", [{"role": "user", "content": "x"}], model="m")
+    assert err.value.status == 400 and "no chat template" in err.value.message
+    with pytest.raises(OpenAIError):  # the sandbox refuses attribute games
+        chat_template.render("{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}", [])
+
+
+def test_settings_from_env_and_redaction():
+    s = Settings.from_env({"ADAPTER_PORT": "9100", "TRITON_GRPC_URLS": "a:1, b:2",
+                           "TRITON_HTTP_URLS": "http://a:3,http://b:4", "ADAPTER_API_KEYS": "secret1,secret2",
+                           "ADAPTER_HEALTH_PROBE_GENERATION": "false"})
+    assert s.port == 9100 and s.triton_grpc_urls == ["a:1", "b:2"] and s.health_probe_generation is False
+    red = s.redacted()
+    assert "secret1" not in repr(red) and red["api_keys"] == "<2 redacted>"
+    with pytest.raises(ValueError, match="TRITON_HTTP_URLS"):
+        Settings.from_env({"TRITON_GRPC_URLS": "a:1,b:2"})
+    with pytest.raises(ValueError, match="ADAPTER_PORT"):
+        Settings.from_env({"ADAPTER_PORT": "ninety"})
+
+
+def test_build_inputs_shapes_and_types():
+    req = GenerationRequest(model="m", prompt="hi", max_tokens=5, stop=["a", "bc"], temperature=0.0, seed=-1)
+    inputs = {i.name(): i for i in build_inputs(req)}
+    assert inputs["text_input"].shape() == [1, 1] and inputs["text_input"].datatype() == "BYTES"
+    assert inputs["max_tokens"].shape() == [1, 1] and inputs["max_tokens"].datatype() == "INT32"
+    assert inputs["stop_words"].shape() == [1, 2]
+    assert inputs["seed"].datatype() == "UINT64"
+    for flag in ("stream", "exclude_input_in_output", "return_num_input_tokens", "return_num_output_tokens"):
+        assert inputs[flag].datatype() == "BOOL"
+    assert "top_p" not in inputs  # unset means the model's default
+    ids = {i.name(): i for i in build_inputs(GenerationRequest(model="m", prompt=[1, 2, 3]))}
+    assert ids["input_ids"].shape() == [1, 3] and "text_input" not in ids and "max_tokens" not in ids
