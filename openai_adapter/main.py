@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from dataclasses import fields
 
@@ -46,7 +47,11 @@ class _Server(uvicorn.Server):
         if deps is not None and not deps.draining:
             deps.draining = True
             log.info("signal %s: draining (grace %.0f s)", sig, deps.settings.shutdown_grace_s)
-        super().handle_exit(sig, frame)
+        # Like uvicorn's, minus re-raising the signal at exit: a drained shutdown exits 0.
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
 
 
 def main(argv: list[str] | None = None) -> int:
