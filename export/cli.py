@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="greedy tokens compared per prompt during verification (default 32)")
     p.add_argument("--skip-verify", action="store_true",
                    help="publish WITHOUT verification (recorded as skipped in the manifest)")
+    p.add_argument("--builder-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra_options for onnxruntime-genai's model builder, repeatable "
+                        "(int4 defaults to algo_config=k_quant; e.g. block_size=16 for closer int4 parity)")
     p.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
     return p
 
@@ -72,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.precision == "fp16" and args.device == "cpu":
+        parser.error("--precision fp16 targets GPUs: use --device cuda (CPU exports: fp32, int8, int4)")
+    bad = [o for o in args.builder_option if "=" not in o]
+    if bad:
+        parser.error(f"--builder-option expects KEY=VALUE, got {bad[0]!r}")
     from .onnx_build import BuildError
     from .pipeline import ExportOptions, VerificationFailed, run_export
     from .summary import print_failure, print_summary
@@ -84,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                          device=args.device, chat_template_file=args.chat_template,
                          no_chat_template=args.no_chat_template, max_model_len=args.max_model_len,
                          instance_count=args.instance_count, skip_verify=args.skip_verify,
-                         verify_tokens=args.verify_tokens, engine_overrides=overrides, quiet=args.quiet)
+                         verify_tokens=args.verify_tokens, engine_overrides=overrides, quiet=args.quiet,
+                         builder_options=dict(o.split("=", 1) for o in args.builder_option))
     try:
         from .verify import verify_export
     except ImportError:  # pragma: no cover - thin path without verification

@@ -17,6 +17,17 @@ from pathlib import Path
 ARTIFACTS = ("model.onnx", "model.onnx.data", "genai_config.json")
 
 
+# k_quant instead of plain round-to-nearest for int4: on SmolLM2-135M RTN moved the
+# next-token distribution by up to 4 nats KL and changed the top-1 token on 2 of 3
+# prompts; k_quant stays under 0.75 nats with the same top-1 (same size, same speed).
+DEFAULT_OPTIONS = {"int4": {"algo_config": "k_quant"}}
+
+
+def builder_options(precision: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The builder's extra_options for a precision, with the user's overrides on top."""
+    return {**DEFAULT_OPTIONS.get(precision, {}), **(overrides or {})}
+
+
 class BuildError(RuntimeError):
     """The builder failed; the message carries the tail of its log."""
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from llm_backend.model_config import EngineParams
 
 from . import manifest as mf
-from .onnx_build import run_builder
+from .onnx_build import builder_options, run_builder
 from .publish import publish_version, staging, write_config
 from .validate import Checkpoint, validate_checkpoint
 
@@ -38,6 +38,7 @@ class ExportOptions:
     skip_verify: bool = False
     verify_tokens: int = 32
     engine_overrides: dict = field(default_factory=dict)   # other EngineParams fields
+    builder_options: dict = field(default_factory=dict)    # onnxruntime-genai extra_options
     quiet: bool = False
 
 
@@ -100,7 +101,8 @@ def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportRe
     with staging(model_dir) as stage:
         version_dir = stage / "version"
         progress(opts, f"exporting {ckpt.architecture} to ONNX ({opts.precision}, {opts.device}) ...")
-        build_s = run_builder(ckpt.path, version_dir, opts.precision, opts.device, stage / "builder.log")
+        extra = builder_options(opts.precision, opts.builder_options)
+        build_s = run_builder(ckpt.path, version_dir, opts.precision, opts.device, stage / "builder.log", extra)
         progress(opts, f"exported in {build_s:.1f} s")
         stage_files(ckpt, version_dir)
         progress(opts, "computing the source weights checksum")
@@ -124,6 +126,7 @@ def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportRe
             "instance_kind": instance_kind(opts.device),
             "instance_count": opts.instance_count,
             "artifacts": sorted(p.name for p in version_dir.iterdir()),
+            "builder_options": extra,
             "build_seconds": round(build_s, 1),
             "tools": mf.tool_versions(),
             "date": mf.now_utc(),

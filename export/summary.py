@@ -17,10 +17,11 @@ def _verification_lines(v: dict) -> list[str]:
     lines = [f"  verification  {status.upper()} ({v.get('criterion', '')})"]
     logits = v.get("logits") or {}
     if logits:
-        lines.append(f"    logits      max abs diff {logits.get('max_abs_diff', float('nan')):.3g} "
-                     f"(tolerance {logits.get('tolerance', float('nan')):.3g}, logit scale "
-                     f"{logits.get('logit_scale', float('nan')):.3g}), top-1 agree "
-                     f"{logits.get('top1_agree', '?')}/{logits.get('prompts', '?')}")
+        tol = logits.get("tolerance")
+        lines.append(f"    logits      max abs diff {logits['max_abs_diff']:.3g} "
+                     f"({'tolerance %.3g' % tol if tol is not None else 'not gated'}, logit scale "
+                     f"{logits['logit_scale']:.3g}), KL max {logits['kl_max']:.3g} nats "
+                     f"(limit {logits['max_kl']:g}), top-1 agree {logits['top1_agree']}/{logits['prompts']}")
     greedy = v.get("greedy") or {}
     if greedy:
         lines.append(f"    greedy      agreement {greedy.get('agreed')} per prompt of "

@@ -23,8 +23,10 @@ from pathlib import Path
 
 from export.default_model import MODEL_ID, fetch_default_model
 from export.manifest import read_manifest, weights_checksum
+from export.onnx_build import builder_options
 from export.pipeline import ExportOptions, apply_overrides, instance_kind, run_export
 from export.publish import link_or_copy, publish_version, staging, versions, write_config
+from export.verify import verify_export
 from llm_backend.model_config import EngineParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -64,26 +66,31 @@ def cached_export(checkpoint: Path, precision: str, name: str) -> Path:
     key = f"{_checkpoint_sha256(checkpoint)[:16]}-{precision}"
     cache_repo = EXPORT_CACHE / key
     with _locked(EXPORT_CACHE / f"{key}.lock"):
-        found = versions(cache_repo / name)
-        if found and (cache_repo / name / str(found[-1]) / "manifest.json").exists():
-            return cache_repo / name / str(found[-1])
+        for number in reversed(versions(cache_repo / name)):
+            candidate = cache_repo / name / str(number)
+            if _is_current(candidate, precision):
+                return candidate
         opts = ExportOptions(name=name, repository=cache_repo, precision=precision, device="cpu")
-        return run_export(checkpoint, opts, verifier=_verifier()).version_dir
+        return run_export(checkpoint, opts, verifier=verify_export).version_dir
 
 
-def _verifier():
+def _is_current(version_dir: Path, precision: str) -> bool:
+    """A cached export is reused only if it passed verification with today's builder options."""
     try:
-        from export.verify import verify_export
-    except ImportError:  # thin path: verification not there yet
-        return None
-    return verify_export
+        m = read_manifest(version_dir)
+    except (OSError, ValueError):
+        return False
+    return (m.get("verification", {}).get("status") == "passed"
+            and m.get("builder_options") == builder_options(precision))
 
 
 def ensure_default_model(repository: Path, precision: str = "int4", name: str = MODEL_ID,
                          **engine_overrides) -> Path:
     """Return `repository/name`, exported (verified, cached) on first use.
 
-    `engine_overrides` are `EngineParams` fields (e.g. max_num_seqs=4) plus
+    A new version is published when the directory has none, or when its latest
+    version is not the current cached export for `precision` (another precision,
+    an older build). `engine_overrides` are `EngineParams` fields (e.g. max_num_seqs=4) plus
     `instance_count`; config.pbtxt is re-rendered with them on every call
     (and left untouched when nothing changed).
     """
@@ -91,7 +98,9 @@ def ensure_default_model(repository: Path, precision: str = "int4", name: str = 
     repository = Path(repository)
     model_dir = repository / name
     instance_count = int(engine_overrides.pop("instance_count", 1))
-    if not versions(model_dir):
+    latest = versions(model_dir)
+    current = latest and _same_export(model_dir / str(latest[-1]), precision)
+    if not current:
         source = cached_export(fetch_default_model(), precision, name)
         with staging(model_dir) as stage:
             staged = stage / "version"
@@ -105,6 +114,19 @@ def ensure_default_model(repository: Path, precision: str = "int4", name: str = 
         manifest = read_manifest(model_dir / str(versions(model_dir)[-1]))
         _write_config(model_dir, name, manifest, engine_overrides, instance_count)
     return model_dir
+
+
+def _same_export(version_dir: Path, precision: str) -> bool:
+    """Is this published version a copy of a current cached export for `precision`?"""
+    if not _is_current(version_dir, precision):
+        return False
+    manifest = read_manifest(version_dir)
+    if manifest["precision"] != precision:
+        return False
+    cached = EXPORT_CACHE / f"{manifest['source']['weights']['sha256'][:16]}-{precision}"
+    text = (version_dir / "manifest.json").read_bytes()
+    # Hard links or copies of the cache carry the very same manifest (same date).
+    return any(m.read_bytes() == text for m in cached.glob("*/*/manifest.json"))
 
 
 def _write_config(model_dir: Path, name: str, manifest: dict, overrides: dict, instance_count: int) -> None:
