@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv model serve test test-fast bench clean
+.PHONY: venv model serve triton test test-fast bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ model: $(STAMP)
 ## Serve the default model: tritonserver + the OpenAI adapter, until Ctrl-C.
 serve: $(STAMP)
 	$(PY) -m stack.serve
+
+## tritonserver alone on model_repository/ (ports from TRITON_*_PORT), in the foreground.
+triton: $(STAMP)
+	$(PY) -m stack.triton
 
 ## The whole test suite (unit, in-process adapter, end to end with real tritonserver).
 test: $(STAMP)

@@ -184,3 +184,34 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m stack.triton [REPO] [tritonserver flags]`: run tritonserver in the foreground."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Run the pinned tritonserver on a model repository with the `llm` backend installed. "
+                    "Further flags go to tritonserver unchanged.")
+    parser.add_argument("repository", nargs="?", default=str(REPO_ROOT / "model_repository"))
+    parser.add_argument("--http-port", type=int, default=int(os.environ.get("TRITON_HTTP_PORT", 8000)))
+    parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("TRITON_GRPC_PORT", 8001)))
+    parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("TRITON_METRICS_PORT", 8002)))
+    parser.add_argument("--print-command", action="store_true",
+                        help="print the environment and command line instead of running them")
+    args, passthrough = parser.parse_known_args(argv)
+    server = TritonServer(Path(args.repository), args.http_port, args.grpc_port, args.metrics_port,
+                          extra_args=passthrough)
+    cmd = server.command()
+    env = triton_env()
+    if args.print_command:
+        for key in ("LD_LIBRARY_PATH", "PATH", "PYTHONPATH"):
+            print(f"export {key}={env[key]}")
+        print(" ".join(cmd))
+        return 0
+    os.execve(cmd[0], cmd, env)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())
