@@ -113,6 +113,8 @@ def _validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
     if kind == "missing":
         return f"missing required field {param!r}", param
     if kind == "model_attributes_type" and not loc:
+        if isinstance(err.get("input"), (bytes, str)):
+            return "the request body must be a JSON object (send Content-Type: application/json)", None
         return "the request body must be a JSON object", None
     received = err.get("input")
     if isinstance(received, list):

@@ -132,6 +132,7 @@ class Endpoint:
         self.in_flight = 0
         self.models: dict[str, ModelInfo] = {}
         self.ready: set[str] = set()
+        self.versions: dict[str, str] = {}  # model -> versions seen, to re-read a reloaded config
         self.reachable = False
         self.grpc = grpcclient.InferenceServerClient(grpc_url, channel_args=_GRPC_CHANNEL_ARGS)
         host = http_url.split("://", 1)[-1].rstrip("/")
@@ -147,15 +148,20 @@ class Endpoint:
             raise ConnectionError("not live")
         index = await self.http.get_model_repository_index()
         ready: set[str] = set()
+        versions: dict[str, list[str]] = {}
         for entry in index:
-            name = entry.get("name", "")
-            if entry.get("state") != "READY" or not await self.http.is_model_ready(name):
+            if entry.get("state") == "READY":
+                versions.setdefault(entry.get("name", ""), []).append(str(entry.get("version", "")))
+        for name, vs in versions.items():
+            if not await self.http.is_model_ready(name):
                 continue
-            if name not in self.models:
+            seen = ",".join(sorted(vs))
+            if name not in self.models or self.versions.get(name) != seen:
                 info = _model_info(name, await self.http.get_model_config(name))
                 if info is None:
                     continue  # not a text-generation model
                 self.models[name] = info
+                self.versions[name] = seen
             ready.add(name)
         self.ready = ready
         self.reachable = True

@@ -145,3 +145,29 @@ def test_build_inputs_shapes_and_types():
     assert "top_p" not in inputs  # unset means the model's default
     ids = {i.name(): i for i in build_inputs(GenerationRequest(model="m", prompt=[1, 2, 3]))}
     assert ids["input_ids"].shape() == [1, 3] and "text_input" not in ids and "max_tokens" not in ids
+
+
+async def test_pool_picks_least_loaded_usable_endpoint():
+    from openai_adapter.triton_client import TritonPool
+    pool = TritonPool(["a:1", "b:1", "c:1"], ["http://a:2", "http://b:2", "http://c:2"])
+    try:
+        a, b, c = pool.endpoints
+        from openai_adapter.triton_client import ModelInfo
+        for ep in pool.endpoints:
+            ep.models = {"m": ModelInfo("m")}
+            ep.ready = {"m"}
+            ep.reachable = True
+        a.in_flight, b.in_flight, c.in_flight = 3, 1, 2
+        assert pool.pick("m") is b
+        b.breaker.trip()  # open circuit: skipped
+        assert pool.pick("m") is c
+        c.ready = set()  # model not ready there: skipped
+        assert pool.pick("m") is a
+        a.breaker.trip()
+        assert pool.pick("m") is None
+        with pytest.raises(OpenAIError) as err:
+            pool.model("m")
+        assert err.value.status == 503 and err.value.retry_after == 1
+    finally:
+        for ep in pool.endpoints:
+            await ep.close()
