@@ -15,7 +15,7 @@ from pathlib import Path
 from llm_backend.model_config import EngineParams
 
 from . import manifest as mf
-from .onnx_build import builder_options, run_builder
+from .onnx_build import BuildError, builder_options, run_builder
 from .publish import publish_version, staging, write_config
 from .validate import Checkpoint, validate_checkpoint
 
@@ -23,6 +23,7 @@ from .validate import Checkpoint, validate_checkpoint
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "config.json", "generation_config.json")
 DEFAULT_MAX_MODEL_LEN = 2048
+PROTOBUF_LIMIT = 2 * 1024**3
 
 
 @dataclass
@@ -89,6 +90,19 @@ def stage_files(ckpt: Checkpoint, version_dir: Path) -> None:
         template.write_text(ckpt.chat_template)
     elif template.exists():
         template.unlink()  # --no-chat-template: the builder's copy must not sneak in
+    if not (version_dir / "tokenizer.json").is_file():
+        raise BuildError(f"no tokenizer.json for the backend: {ckpt.path} has none and the builder did "
+                         "not write one; save the tokenizer with tokenizer.save_pretrained")
+
+
+def check_artifacts(version_dir: Path) -> dict:
+    """The builder must keep weights in external data once the graph would pass protobuf's 2 GB."""
+    graph = (version_dir / "model.onnx").stat().st_size
+    data = version_dir / "model.onnx.data"
+    if graph >= PROTOBUF_LIMIT:
+        raise BuildError(f"{version_dir / 'model.onnx'} is {graph / 1e9:.2f} GB with weights inside; "
+                         "ONNX needs external data above 2 GB")
+    return {"model_onnx_bytes": graph, "external_data_bytes": data.stat().st_size if data.exists() else 0}
 
 
 def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportResult:
@@ -105,6 +119,7 @@ def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportRe
         build_s = run_builder(ckpt.path, version_dir, opts.precision, opts.device, stage / "builder.log", extra)
         progress(opts, f"exported in {build_s:.1f} s")
         stage_files(ckpt, version_dir)
+        sizes = check_artifacts(version_dir)
         progress(opts, "computing the source weights checksum")
         checksum = mf.weights_checksum(ckpt.weight_files)
         if opts.skip_verify:
@@ -127,6 +142,7 @@ def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportRe
             "instance_count": opts.instance_count,
             "artifacts": sorted(p.name for p in version_dir.iterdir()),
             "builder_options": extra,
+            "sizes": sizes,
             "build_seconds": round(build_s, 1),
             "tools": mf.tool_versions(),
             "date": mf.now_utc(),

@@ -1,6 +1,8 @@
 """Check a Hugging Face checkpoint directory before any work is done.
 
-Every problem is a `CheckpointError` naming the file and what to do about it.
+Every problem is a `CheckpointError` whose message starts with the piece at fault
+(config, weights, tokenizer, special tokens, chat template), names the file and
+says what to do. Cheap: weights are checked from their headers, never loaded.
 """
 
 from __future__ import annotations
@@ -9,7 +11,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .weights import check_weights
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+REQUIRED_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+SAVE_TOKENIZER = "save it with tokenizer.save_pretrained(CHECKPOINT_DIR)"
 
 
 class CheckpointError(ValueError):
@@ -37,8 +43,10 @@ class Checkpoint:
         return int(self.config.get("max_position_embeddings") or 0)
 
 
-def _read_json(path: Path, what: str, fix: str) -> dict:
+def read_json(path: Path, what: str, fix: str, required: bool = True) -> dict:
     if not path.is_file():
+        if not required:
+            return {}
         raise CheckpointError(f"{what}: {path} is missing; {fix}")
     try:
         data = json.loads(path.read_text())
@@ -56,35 +64,129 @@ def token_text(value) -> str:
     return "" if value is None else str(value)
 
 
-def validate_checkpoint(path: Path, chat_template_file: Path | None = None,
-                        no_chat_template: bool = False) -> Checkpoint:
-    """Validate `path` and describe it (minimal checks; see the full checks below)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint: {path} is not a directory; pass a Hugging Face checkpoint directory")
-    config = _read_json(path / "config.json", "config",
-                        "the checkpoint directory must hold the model's config.json")
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def check_config(path: Path) -> tuple[dict, str]:
+    config = read_json(path / "config.json", "config",
+                       "the checkpoint directory must hold the model's config.json (model.config.save_pretrained)")
     archs = config.get("architectures") or []
     arch = archs[0] if archs else ""
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"config: {path / 'config.json'} declares architecture {arch or 'none'!r}; "
                               f"supported are {', '.join(SUPPORTED_ARCHITECTURES)}")
-    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
-    tok_cfg = _read_json(path / "tokenizer_config.json", "tokenizer",
-                         "save the tokenizer with tokenizer.save_pretrained(CHECKPOINT_DIR)")
-    if chat_template_file is not None:
-        template, source = Path(chat_template_file).read_text(), str(chat_template_file)
-    elif no_chat_template:
-        template, source = None, "none"
+    missing = [k for k in REQUIRED_CONFIG_KEYS if not isinstance(config.get(k), int)]
+    if missing:
+        raise CheckpointError(f"config: {path / 'config.json'} lacks {', '.join(missing)}; "
+                              "re-save the config with transformers")
+    return config, arch
+
+
+def load_tokenizer(path: Path):
+    """A `tokenizers.Tokenizer`: tokenizer.json, or one transformers can build from slow files."""
+    from tokenizers import Tokenizer
+
+    tok_json = path / "tokenizer.json"
+    if tok_json.is_file():
+        try:
+            return Tokenizer.from_file(str(tok_json))
+        except Exception as err:  # the tokenizers library raises plain Exception
+            raise CheckpointError(f"tokenizer: {tok_json} does not load ({err}); {SAVE_TOKENIZER}") from err
+    slow = [n for n in ("tokenizer.model", "vocab.json") if (path / n).is_file()]
+    if not slow:
+        raise CheckpointError(f"tokenizer: {tok_json} is missing (and there is no tokenizer.model or "
+                              f"vocab.json + merges.txt to build it from); {SAVE_TOKENIZER}")
+    try:
+        from transformers import AutoTokenizer
+        fast = AutoTokenizer.from_pretrained(str(path))
+        return fast.backend_tokenizer
+    except Exception as err:
+        raise CheckpointError(f"tokenizer: {tok_json} is missing and {path / slow[0]} does not load "
+                              f"as a fast tokenizer ({err}); {SAVE_TOKENIZER}") from err
+
+
+def check_special_tokens(path: Path, config: dict, tok_cfg: dict, tokenizer) -> tuple[str, str, int | None, list[int]]:
+    """Tokenizer special tokens must exist and agree with config.json / generation_config.json."""
+    gen = read_json(path / "generation_config.json", "generation config",
+                    "fix or delete generation_config.json", required=False)
+    cfg_name = path / "tokenizer_config.json"
+    bos, eos = token_text(tok_cfg.get("bos_token")), token_text(tok_cfg.get("eos_token"))
+    if not eos:
+        raise CheckpointError(f"special tokens: {cfg_name} defines no eos_token; set it to the token that "
+                              "ends a turn (e.g. tokenizer.eos_token = ...; tokenizer.save_pretrained)")
+    vocab_size = config["vocab_size"]
+    tok_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if tok_size > vocab_size:
+        raise CheckpointError(f"tokenizer: {path / 'tokenizer.json'} has {tok_size} tokens but config.json "
+                              f"vocab_size is {vocab_size}; the tokenizer does not belong to these weights")
+    eos_id = tokenizer.token_to_id(eos)
+    if eos_id is None:
+        raise CheckpointError(f"special tokens: eos_token {eos!r} of {cfg_name} is not in the tokenizer "
+                              "vocabulary; fix tokenizer_config.json")
+    expected = _ids(gen.get("eos_token_id")) or _ids(config.get("eos_token_id"))
+    source = "generation_config.json" if _ids(gen.get("eos_token_id")) else "config.json"
+    if expected and eos_id not in expected:
+        raise CheckpointError(f"special tokens: tokenizer eos_token {eos!r} (id {eos_id}) in {cfg_name} disagrees "
+                              f"with eos_token_id {expected} in {path / source}; generation would not stop "
+                              "where the model was trained to. Make them agree")
+    bos_id = tokenizer.token_to_id(bos) if bos else None
+    if bos and bos_id is None:
+        raise CheckpointError(f"special tokens: bos_token {bos!r} of {cfg_name} is not in the tokenizer "
+                              "vocabulary; fix tokenizer_config.json")
+    model_bos = gen.get("bos_token_id", config.get("bos_token_id"))
+    if bos_id is not None and model_bos is not None and bos_id != model_bos:
+        raise CheckpointError(f"special tokens: tokenizer bos_token {bos!r} (id {bos_id}) in {cfg_name} disagrees "
+                              f"with bos_token_id {model_bos} in config.json/generation_config.json; "
+                              "make them agree")
+    return bos, eos, bos_id, expected or [eos_id]
+
+
+def check_chat_template(path: Path, tok_cfg: dict, override: Path | None,
+                        no_template: bool) -> tuple[str | None, str]:
+    if no_template:
+        return None, "none (--no-chat-template)"
+    if override is not None:
+        if not Path(override).is_file():
+            raise CheckpointError(f"chat template: {override} (--chat-template) does not exist")
+        template, source = Path(override).read_text(), str(Path(override).resolve())
     elif (path / "chat_template.jinja").is_file():
-        template, source = (path / "chat_template.jinja").read_text(), str(path / "chat_template.jinja")
+        template, source = (path / "chat_template.jinja").read_text(), str((path / "chat_template.jinja").resolve())
     else:
-        template, source = tok_cfg.get("chat_template"), str(path / "tokenizer_config.json")
-    eos_ids = config.get("eos_token_id")
-    return Checkpoint(
-        path=path, config=config, architecture=arch, weight_files=weights, tokenizer_config=tok_cfg,
-        chat_template=template, chat_template_source=source,
-        bos_token=token_text(tok_cfg.get("bos_token")), eos_token=token_text(tok_cfg.get("eos_token")),
-        bos_token_id=config.get("bos_token_id"),
-        eos_token_ids=list(eos_ids) if isinstance(eos_ids, list) else ([eos_ids] if eos_ids is not None else []),
-    )
+        template, source = tok_cfg.get("chat_template"), str((path / "tokenizer_config.json").resolve())
+        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+    if not template or not isinstance(template, str):
+        raise CheckpointError(f"chat template: none in {path / 'chat_template.jinja'} or the chat_template of "
+                              f"{path / 'tokenizer_config.json'}; pass --chat-template FILE, or "
+                              "--no-chat-template for a base model")
+    import jinja2
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as err:
+        raise CheckpointError(f"chat template: {source} is not valid Jinja (line {err.lineno}: {err.message}); "
+                              "fix it or pass --chat-template FILE") from err
+    return template, source
+
+
+def validate_checkpoint(path: Path, chat_template_file: Path | None = None,
+                        no_chat_template: bool = False) -> Checkpoint:
+    """Validate `path` and describe it, or raise `CheckpointError`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint: {path} is not a directory; pass a Hugging Face checkpoint directory")
+    config, arch = check_config(path)
+    try:
+        weights = check_weights(path, config)
+    except ValueError as err:
+        raise CheckpointError(f"weights: {err}") from err
+    tok_cfg = read_json(path / "tokenizer_config.json", "tokenizer", SAVE_TOKENIZER)
+    tokenizer = load_tokenizer(path)
+    bos, eos, bos_id, eos_ids = check_special_tokens(path, config, tok_cfg, tokenizer)
+    template, source = check_chat_template(path, tok_cfg, chat_template_file, no_chat_template)
+    return Checkpoint(path=path, config=config, architecture=arch, weight_files=weights,
+                      tokenizer_config=tok_cfg, chat_template=template, chat_template_source=source,
+                      bos_token=bos, eos_token=eos, bos_token_id=bos_id, eos_token_ids=eos_ids)
