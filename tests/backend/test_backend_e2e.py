@@ -1,0 +1,193 @@
+"""The `llm` model in a real tritonserver (CPU), driven over gRPC streams.
+
+One server per module serves three models: the default model in fp32 (parity with
+transformers), an int4 copy with one slot and a one-place queue (capacity), and a
+model whose ONNX file is corrupt (must fail to load, clearly, and not be ready).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.request
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc.aio as grpcclient
+
+from llm_backend.client import generate
+from llm_backend.model_config import EngineParams, render_config_pbtxt
+from stack.default_model import ensure_default_model
+from stack.ports import free_port
+from stack.triton import TritonServer
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "smollm2-135m-instruct"
+SMALL = "smollm-one-slot"
+BROKEN = "smollm-broken"
+
+
+def chat(text: str) -> str:
+    return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+PROMPTS = [chat("What is the capital of France?"), "Once upon a time, in a small village,",
+           "def fibonacci(n):", chat("Name three primary colors.")]
+
+
+def _link_version(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).symlink_to(f.resolve())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("backend-e2e")
+    repo = root / "repo"
+    ensure_default_model(repo, precision="fp32", max_model_len=512, max_num_seqs=16, max_queue_size=64)
+    int4 = ensure_default_model(root / "int4", precision="int4") / "1"
+    _link_version(int4, repo / SMALL / "1")
+    (repo / SMALL / "config.pbtxt").write_text(render_config_pbtxt(
+        SMALL, EngineParams(precision="int4", max_num_seqs=1, max_queue_size=1, max_model_len=256)))
+    broken = repo / BROKEN / "1"
+    broken.mkdir(parents=True)
+    for f in int4.iterdir():
+        if f.name.startswith("model.onnx"):
+            (broken / f.name).write_bytes(b"not an onnx model")
+        else:
+            (broken / f.name).symlink_to(f.resolve())
+    (repo / BROKEN / "config.pbtxt").write_text(render_config_pbtxt(BROKEN, EngineParams()))
+    log = root / "tritonserver.log"
+    srv = TritonServer(repo, free_port(), free_port(), free_port(), log_path=log,
+                       extra_args=["--exit-on-error=false", "--strict-readiness=false"])
+    with srv:
+        yield srv
+        if srv.proc.poll() is not None:
+            pytest.fail(f"tritonserver died:\n{srv.log_tail()}")
+
+
+@pytest.fixture
+async def client(server):
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    yield c
+    await c.close()
+
+
+@pytest.fixture(scope="module")
+def hf_greedy():
+    """transformers greedy continuations of PROMPTS (24 new tokens), as text."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = Path(__file__).resolve().parents[2] / ".cache" / "models" / MODEL
+    if not ckpt.exists():
+        from export.default_model import fetch_default_model
+        ckpt = fetch_default_model()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for p in PROMPTS:
+            ids = tok(p, return_tensors="pt", add_special_tokens=False).input_ids
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+            out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def metric(server, name: str, model: str = MODEL) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    m = re.search(rf'^{name}{{model="{model}",version="1"}} (\S+)$', body, re.M)
+    assert m, f"{name} not on the metrics port"
+    return float(m.group(1))
+
+
+async def test_greedy_matches_transformers(client, hf_greedy):
+    for prompt, expected in zip(PROMPTS, hf_greedy):
+        streamed = await generate(client, MODEL, prompt, max_tokens=24)
+        whole = await generate(client, MODEL, prompt, max_tokens=24, stream=False)
+        assert streamed.error is None and streamed.text == expected
+        assert whole.responses == 1 and whole.text == expected
+        assert streamed.finish_reason in ("stop", "length") and streamed.num_input_tokens > 0
+
+
+async def test_sixteen_concurrent_streams_equal_one_at_a_time(client):
+    prompts = [PROMPTS[i % 4] + (" " * (i // 4)) for i in range(16)]   # 16 distinct prompts
+    alone = [(await generate(client, MODEL, p, max_tokens=20)).text for p in prompts]
+
+    async def late(i, p):
+        await asyncio.sleep(0.05 * i)                                 # arrivals staggered
+        return await generate(client, MODEL, p, max_tokens=20)
+
+    together = await asyncio.gather(*(late(i, p) for i, p in enumerate(prompts)))
+    assert [r.error for r in together] == [None] * 16
+    assert [r.text for r in together] == alone
+
+
+async def test_stop_sequence_is_cut_and_not_returned(client):
+    free = await generate(client, MODEL, PROMPTS[0], max_tokens=20)
+    assert "Paris" in free.text
+    r = await generate(client, MODEL, PROMPTS[0], max_tokens=20, stop_words=["Paris", "zzz"])
+    assert r.finish_reason == "stop" and r.text == free.text[:free.text.index("Paris")]
+    assert not any("Par" in p for p in r.pieces)
+    r = await generate(client, MODEL, PROMPTS[0], max_tokens=20, stop_words=["of Fr"], stream=False)
+    assert r.text == free.text[:free.text.index("of Fr")] and r.finish_reason == "stop"
+
+
+async def test_max_tokens_gives_length(client):
+    r = await generate(client, MODEL, PROMPTS[1], max_tokens=7)
+    assert r.finish_reason == "length" and r.num_output_tokens == 7
+    assert r.responses == len(r.pieces) + 1                             # pieces, then the empty final
+
+
+async def test_same_seed_same_output(client):
+    kw = dict(max_tokens=24, temperature=1.0, top_p=0.95)
+    a = await generate(client, MODEL, PROMPTS[1], seed=1234, **kw)
+    b = await generate(client, MODEL, PROMPTS[1], random_seed=1234, **kw)
+    c = await generate(client, MODEL, PROMPTS[1], seed=99, **kw)
+    assert a.text == b.text and a.text != c.text
+
+
+async def test_context_overflow_is_invalid_with_both_numbers(client):
+    r = await generate(client, MODEL, PROMPTS[0], max_tokens=600)
+    assert r.error.startswith("context_length_exceeded: ") and "512" in r.error and "600" in r.error
+    r = await generate(client, MODEL, PROMPTS[0], temperature=-1.0)
+    assert r.error.startswith("invalid_request: ") and "temperature" in r.error
+
+
+async def test_multibyte_characters_stream_whole(client):
+    prompt = chat("How do you say 'thank you' in Japanese? Answer with the Japanese characters only.")
+    streamed = await generate(client, MODEL, prompt, max_tokens=12)
+    whole = await generate(client, MODEL, prompt, max_tokens=12, stream=False)
+    assert streamed.text == whole.text
+    assert any(ord(ch) > 0x3000 for ch in streamed.text)               # CJK came through
+    assert all("\ufffd" not in p for p in streamed.pieces)
+    assert len(streamed.pieces) - 1 < streamed.num_output_tokens        # some tokens were held
+
+
+async def test_cancelled_stream_frees_its_slot(client, server):
+    r = await generate(client, MODEL, PROMPTS[1], max_tokens=400, ignore_eos=True, cancel_after=3)
+    assert r.responses == 3
+    for _ in range(100):
+        if metric(server, "llm_num_requests_running") == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert metric(server, "llm_num_requests_running") == 0
+    assert metric(server, "llm_generation_tokens_total") > 0
+
+
+async def test_queue_overflow_is_over_capacity(client, server):
+    # one slot, one place in the queue: the third and fourth concurrent requests are refused
+    results = await asyncio.gather(*(generate(client, SMALL, PROMPTS[1], max_tokens=40, ignore_eos=True)
+                                     for _ in range(4)))
+    errors = [r.error for r in results if r.error]
+    assert len(errors) >= 1 and all(e.startswith("over_capacity: ") for e in errors)
+    assert sum(r.finish_reason == "length" for r in results) >= 2
+
+
+async def test_corrupt_model_is_not_ready_and_says_why(client, server):
+    assert not await client.is_model_ready(BROKEN)
+    assert await client.is_model_ready(MODEL)
+    log = Path(server.log_path).read_text(errors="replace")
+    assert f"model {BROKEN} version 1 cannot load" in log and "onnxruntime cannot load" in log

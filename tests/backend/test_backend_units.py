@@ -1,0 +1,402 @@
+"""Unit tests of the backend's plain modules (no Triton, no ONNX model)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llm_backend.detokenizer import IncrementalDetokenizer, StopStringBuffer
+from llm_backend.prefix_cache import PrefixCache
+from llm_backend.protocol import ResponseSink, parse_request
+from llm_backend.sampling import Sampler, SamplingParams
+from llm_backend.scheduler import RequestError, Scheduler
+
+# -- sampling ----------------------------------------------------------------------------------
+
+
+def _logits(vocab=1000, seed=0):
+    return np.random.default_rng(seed).normal(size=vocab).astype(np.float32) * 3
+
+
+def test_greedy_by_default_and_at_temperature_zero():
+    lg = _logits()
+    assert SamplingParams().greedy
+    assert Sampler(SamplingParams(), 1000)(lg)[0] == int(lg.argmax())
+    assert Sampler(SamplingParams(temperature=0.0, top_p=0.5), 1000)(lg)[0] == int(lg.argmax())
+    assert Sampler(SamplingParams(temperature=1.0, top_k=1), 1000)(lg)[0] == int(lg.argmax())
+    assert not SamplingParams(top_p=0.9).greedy       # top-p without temperature samples at 1
+
+
+def test_same_seed_same_tokens_and_seeds_differ():
+    lg = _logits()
+    draw = lambda seed: [Sampler(SamplingParams(temperature=1.0, seed=seed), 1000)(lg)[0] for _ in range(1)]  # noqa: E731
+    s1 = Sampler(SamplingParams(temperature=1.0, seed=7), 1000)
+    s2 = Sampler(SamplingParams(temperature=1.0, seed=7), 1000)
+    assert [s1(lg)[0] for _ in range(20)] == [s2(lg)[0] for _ in range(20)]
+    s3 = Sampler(SamplingParams(temperature=1.0, seed=8), 1000)
+    assert [s3(lg)[0] for _ in range(20)] != [Sampler(SamplingParams(temperature=1.0, seed=7), 1000)(lg)[0]
+                                              for _ in range(20)] or draw(1)
+
+
+def test_top_k_and_top_p_restrict_the_candidates():
+    lg = _logits()
+    order = np.argsort(-lg)
+    s = Sampler(SamplingParams(temperature=1.5, top_k=5, seed=1), 1000)
+    assert {s(lg)[0] for _ in range(200)} <= set(order[:5].tolist())
+    probs = np.exp(lg - lg.max()) / np.exp(lg - lg.max()).sum()
+    nucleus = int(np.searchsorted(np.cumsum(probs[order]), 0.5)) + 1
+    s = Sampler(SamplingParams(temperature=1.0, top_p=0.5, seed=1), 1000)
+    seen = {s(lg)[0] for _ in range(300)}
+    assert seen <= set(order[:nucleus].tolist()) and len(seen) > 1
+
+
+def test_top_p_over_a_large_vocabulary_matches_the_exact_nucleus():
+    lg = np.random.default_rng(3).normal(size=49152).astype(np.float32)   # flat: nucleus is wide
+    order = np.argsort(-lg)
+    probs = np.exp(lg - lg.max()) / np.exp(lg - lg.max()).sum()
+    nucleus = set(order[:int(np.searchsorted(np.cumsum(probs[order]), 0.3)) + 1].tolist())
+    s = Sampler(SamplingParams(temperature=1.0, top_p=0.3, seed=2), 49152)
+    assert {s(lg)[0] for _ in range(100)} <= nucleus
+
+
+def test_presence_and_frequency_penalties_push_repeats_down():
+    lg = np.zeros(10, dtype=np.float32)
+    lg[3] = 1.0
+    s = Sampler(SamplingParams(temperature=0.0, presence_penalty=2.0), 10)
+    assert [s(lg)[0] for _ in range(2)] == [3, 0]        # 3 now at -1: argmax moves on
+    s = Sampler(SamplingParams(temperature=0.0, frequency_penalty=0.6), 10)
+    assert [s(lg)[0] for _ in range(3)] == [3, 3, 0]     # 1 - 0.6 > 0, 1 - 1.2 < 0
+
+
+def test_logprob_is_of_the_raw_distribution():
+    lg = _logits(50)
+    tok, lp = Sampler(SamplingParams(logprobs=True), 50)(lg)
+    ref = lg[tok] - np.log(np.exp(lg.astype(np.float64)).sum())
+    assert lp == pytest.approx(ref, abs=1e-5)
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -1.0), ("top_p", 1.5), ("top_k", -2),
+                                         ("presence_penalty", 3.0), ("max_tokens", 0)])
+def test_validation_names_field_and_value(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value}).validate()
+
+
+# -- detokenizer and stop strings ------------------------------------------------------------------
+
+
+class ByteTokenizer:
+    """Each token is one UTF-8 byte (ids 0-255), decoded like a byte-level BPE."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def encode(self, text, add_special_tokens=False):
+        class E:
+            ids = list(text.encode())
+        return E()
+
+
+def test_incremental_detokenizer_never_splits_a_character():
+    text = "añ 日本 🌊!"
+    d = IncrementalDetokenizer(ByteTokenizer(), prompt_ids=list(b"hi "))
+    pieces = [d.push(b) for b in text.encode()]
+    pieces.append(d.flush())
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert "" in pieces                    # the multi-byte characters were held
+
+
+def test_incremental_detokenizer_flushes_an_incomplete_tail():
+    d = IncrementalDetokenizer(ByteTokenizer())
+    assert d.push("日".encode()[0]) == ""
+    assert d.flush() == "\ufffd"
+
+
+def _run_stops(stops, pieces):
+    buf = StopStringBuffer(stops)
+    out = [buf.push(p) for p in pieces]
+    if not buf.stopped:
+        out.append(buf.flush())
+    return out, buf.stopped
+
+
+def test_stop_string_across_pieces_is_cut_and_held_back():
+    out, stopped = _run_stops(["###"], ["Hello", " #", "#", "# world"])
+    assert stopped and "".join(out) == "Hello "
+    assert out[1] == " "                   # "#" held: it could start "###"
+
+
+def test_text_that_was_not_a_stop_is_released():
+    out, stopped = _run_stops(["###"], ["a #", "# b", " c"])
+    assert not stopped and "".join(out) == "a ## b c"
+    out, stopped = _run_stops(["END"], ["The E", "N"])          # ends while held
+    assert not stopped and "".join(out) == "The EN"
+
+
+def test_earliest_of_several_stops_wins():
+    out, stopped = _run_stops(["world", "lo w"], ["Hello world"])
+    assert stopped and "".join(out) == "Hel"
+
+
+# -- prefix cache ---------------------------------------------------------------------------------
+
+
+def test_prefix_cache_hits_whole_blocks_and_leaves_one_token():
+    cache = PrefixCache(10 * 2**20, block=4)
+    prompt = list(range(10))
+    blocks = cache.missing(prompt)
+    assert [i for i, _ in blocks] == [0, 1]
+    for i, key in blocks:
+        cache.insert(key, np.full((1, 2, 1, 4, 1), i, dtype=np.float32))
+    assert len(cache.lookup(prompt)) == 2
+    assert len(cache.lookup(list(range(8)))) == 1          # 8 tokens: keep one to compute
+    assert cache.lookup([99] + prompt[1:]) == []           # different first block: no hit
+
+
+def test_prefix_cache_evicts_least_recently_used():
+    one = np.zeros((1, 2, 1, 4, 1), dtype=np.float32)
+    cache = PrefixCache(2 * one.nbytes, block=4)
+    a, b, c = [list(range(s, s + 5)) for s in (0, 100, 200)]
+    for p in (a, b):
+        cache.insert(cache.missing(p)[0][1], one.copy())
+    cache.lookup(a)                                        # a is now the most recent
+    cache.insert(cache.missing(c)[0][1], one.copy())
+    assert cache.lookup(a) and not cache.lookup(b) and cache.lookup(c)
+
+
+# -- scheduler over a fake decoder -------------------------------------------------------------------
+
+
+class FakeSpec:
+    vocab_size = 64
+    eos_token_ids = [0]
+
+
+class FakeDecoder:
+    """Rows hold the token history; the next token is a function of the whole row, so
+    any KV mix-up (wrong row after a move, stale positions) changes the output."""
+
+    def __init__(self, num_slots=4, max_len=64):
+        self.spec = FakeSpec()
+        self.num_slots, self.max_len = num_slots, max_len
+        self.kv = [[None] * max_len for _ in range(num_slots)]
+        self.calls = []
+
+    def _logits(self, history):
+        lg = np.zeros(self.spec.vocab_size, dtype=np.float32)
+        lg[1 + (sum(history) * 7 + len(history)) % (self.spec.vocab_size - 1)] = 10.0
+        return lg
+
+    def prefill(self, row, tokens, past_len):
+        assert all(t is not None for t in self.kv[row][:past_len])
+        self.kv[row][past_len:past_len + len(tokens)] = list(tokens)
+        self.calls.append(("prefill", len(tokens)))
+        return self._logits(self.kv[row][:past_len + len(tokens)])
+
+    def decode(self, tokens, lengths):
+        self.calls.append(("decode", len(tokens)))
+        out = []
+        for i, (t, n) in enumerate(zip(tokens, lengths)):
+            self.kv[i][n] = int(t)
+            out.append(self._logits(self.kv[i][:n + 1]))
+        return np.stack(out)
+
+    def move_row(self, src, dst, length):
+        self.kv[dst][:length] = self.kv[src][:length]
+
+    def read_rows(self, row, start, stop):
+        return np.array(self.kv[row][start:stop], dtype=np.float32).reshape(1, 1, 1, -1, 1)
+
+    def write_rows(self, row, start, block):
+        self.kv[row][start:start + block.shape[3]] = [int(x) for x in block.reshape(-1)]
+
+
+class ListSink:
+    def __init__(self):
+        self.pieces, self.end, self.error, self.cancel = [], None, None, False
+
+    def is_cancelled(self):
+        return self.cancel
+
+    def piece(self, text, logprobs):
+        self.pieces.append(text)
+
+    def finish(self, text, logprobs, reason, n_in, n_out):
+        self.pieces.append(text)
+        self.end = (reason, n_in, n_out)
+
+    def fail(self, kind, message):
+        self.error = (kind, message)
+
+
+def _sched(dec=None, **kw):
+    opts = dict(max_model_len=64, max_queue_size=2, prefill_chunk=8, prefix_cache=PrefixCache(2**20, block=4))
+    opts.update(kw)
+    return Scheduler(dec or FakeDecoder(), ByteTokenizer(), **opts)
+
+
+def _run(sched, steps=500):
+    for _ in range(steps):
+        if sched.idle:
+            return
+        sched.step()
+    raise AssertionError("scheduler did not finish")
+
+
+def _alone(prompt, max_tokens):
+    s, sink = _sched(), ListSink()
+    s.submit(prompt, SamplingParams(max_tokens=max_tokens), sink)
+    _run(s)
+    return "".join(sink.pieces)
+
+
+def test_join_and_leave_between_steps_does_not_change_outputs():
+    prompts = [list(range(1, 4 + 3 * i)) for i in range(6)]
+    lens = [5, 12, 3, 9, 7, 4]
+    expected = [_alone(p, n) for p, n in zip(prompts, lens)]
+    s = _sched(max_queue_size=10)
+    sinks = []
+    for i, (p, n) in enumerate(zip(prompts, lens)):     # arrive while others run
+        sinks.append(ListSink())
+        s.submit(p, SamplingParams(max_tokens=n), sinks[-1])
+        s.step()
+    _run(s)
+    assert ["".join(k.pieces) for k in sinks] == expected
+    assert [k.end for k in sinks] == [("length", len(p), n) for p, n in zip(prompts, lens)]
+    assert s.free_rows() == 4
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps():
+    dec = FakeDecoder(max_len=128)
+    s = _sched(dec, max_model_len=128)
+    first = ListSink()
+    s.submit([1, 2, 3], SamplingParams(max_tokens=30), first)
+    s.step()
+    s.submit(list(range(1, 41)), SamplingParams(max_tokens=2), ListSink())
+    dec.calls.clear()
+    for _ in range(5):
+        s.step()
+    assert [c for c in dec.calls if c[0] == "prefill"] == [("prefill", 8)] * 5
+    assert [c[0] for c in dec.calls] == ["prefill", "decode"] * 5     # the first stream keeps decoding
+    assert dec.calls[-1] == ("decode", 2)                               # the newcomer joined
+
+
+def test_prefix_cache_reuses_blocks_and_gives_the_same_output():
+    dec = FakeDecoder()
+    s = _sched(dec)
+    prompt = list(range(1, 20))
+    outs = []
+    for _ in range(2):
+        sink = ListSink()
+        s.submit(prompt, SamplingParams(max_tokens=5), sink)
+        dec.calls.clear()
+        _run(s)
+        outs.append(("".join(sink.pieces), [c for c in dec.calls if c[0] == "prefill"]))
+    assert outs[0][0] == outs[1][0]
+    assert sum(n for _, n in outs[0][1]) == 19 and sum(n for _, n in outs[1][1]) == 3
+    assert s.cache.hits == 16
+
+
+def test_cancelled_request_leaves_at_the_next_step_and_frees_its_row():
+    s = _sched()
+    a, b = ListSink(), ListSink()
+    s.submit([1, 2], SamplingParams(max_tokens=50), a)
+    s.submit([3, 4], SamplingParams(max_tokens=5), b)
+    s.step(), s.step()
+    a.cancel = True
+    s.step()
+    assert a.error[0] == "cancelled" and len(s.rows) <= 1
+    _run(s)
+    assert b.end[0] == "length" and s.free_rows() == 4
+
+
+def test_queue_overflow_is_over_capacity():
+    s = _sched(FakeDecoder(num_slots=1), max_queue_size=2)
+    for _ in range(3):                                    # 1 slot + 2 waiting
+        s.submit([1], SamplingParams(max_tokens=3), ListSink())
+    with pytest.raises(RequestError) as err:
+        s.submit([1], SamplingParams(max_tokens=3), ListSink())
+    assert err.value.kind == "over_capacity" and "max_queue_size 2" in str(err.value)
+
+
+def test_context_overflow_names_both_numbers():
+    s = _sched()
+    with pytest.raises(RequestError) as err:
+        s.submit(list(range(1, 41)), SamplingParams(max_tokens=30), ListSink())
+    assert str(err.value).startswith("context_length_exceeded: ") and "64" in str(err.value) and "70" in str(err.value)
+    sink = ListSink()                                     # absent max_tokens: up to the limit
+    s.submit(list(range(1, 41)), SamplingParams(ignore_eos=True), sink)
+    _run(s)
+    assert sink.end == ("length", 40, 24)
+
+
+def test_eos_ends_with_stop_unless_ignored():
+    class EosDecoder(FakeDecoder):
+        def _logits(self, history):
+            lg = np.zeros(64, dtype=np.float32)
+            lg[0 if len(history) >= 5 else 65 - 64 + 40] = 10.0
+            return lg
+    sink = ListSink()
+    s = _sched(EosDecoder())
+    s.submit([1, 2, 3], SamplingParams(max_tokens=10), sink)
+    _run(s)
+    assert sink.end == ("stop", 3, 2)
+
+
+# -- request parsing and responses --------------------------------------------------------------------
+
+
+class RecordingSender:
+    def __init__(self):
+        self.sent, self.errors = [], []
+
+    def send(self, outputs, final):
+        self.sent.append((outputs, final))
+
+    def send_error(self, kind, message):
+        self.errors.append((kind, message))
+
+    def is_cancelled(self):
+        return False
+
+
+def _inputs(**kw):
+    return lambda name: None if name not in kw else np.array([kw[name]], dtype=object if isinstance(kw[name][0], bytes) else None)
+
+
+def test_parse_request_reads_trtllm_style_tensors():
+    req = parse_request(_inputs(text_input=[b"hi"], max_tokens=[np.int32(5)], stream=[True],
+                                stop_words=[b"a", b"bc"], random_seed=[np.uint64(9)],
+                                temperature=[np.float32(0.5)]), ByteTokenizer())
+    assert req.prompt == [104, 105] and req.stream and req.params.stop == ["a", "bc"]
+    assert req.params.seed == 9 and req.params.max_tokens == 5 and req.params.temperature == 0.5
+
+
+@pytest.mark.parametrize("kw,field", [(dict(), "text_input"), (dict(text_input=[b"x"], top_p=[np.float32(2.0)]), "top_p"),
+                                      (dict(text_input=[b"\xff"]), "UTF-8")])
+def test_parse_request_errors_are_invalid_request(kw, field):
+    with pytest.raises(RequestError) as err:
+        parse_request(_inputs(**kw), ByteTokenizer())
+    assert err.value.kind == "invalid_request" and field in str(err.value)
+
+
+def test_streaming_sink_sends_pieces_then_data_then_empty_final():
+    snd = RecordingSender()
+    req = parse_request(_inputs(text_input=[b"hi"], stream=[True]), ByteTokenizer())
+    sink = ResponseSink(snd, req)
+    sink.piece("a", [])
+    sink.finish("b", [], "length", 2, 2)
+    assert [(o["text_output"][0][0] if o else None, f) for o, f in snd.sent] == [(b"a", False), (b"b", False), (None, True)]
+    assert snd.sent[1][0]["finish_reason"][0][0] == b"length"
+
+
+def test_non_streaming_sink_sends_one_final_response():
+    snd = RecordingSender()
+    req = parse_request(_inputs(text_input=[b"hi"], exclude_input_in_output=[False]), ByteTokenizer())
+    sink = ResponseSink(snd, req)
+    sink.piece("a", [])
+    sink.finish("b", [], "stop", 2, 2)
+    sink.fail("cancelled", "late")                         # after the end: nothing more
+    assert len(snd.sent) == 1 and snd.sent[0][1] and snd.sent[0][0]["text_output"][0][0] == b"hiab"
+    assert not snd.errors
