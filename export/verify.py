@@ -178,9 +178,12 @@ def prompt_ids(ckpt) -> list[list[int]]:
 def verify_export(ckpt, version_dir: Path, opts) -> dict:
     """Compare the staged ONNX model with the source; a dict for the manifest."""
     if opts.device != "cpu":
+        # The pinned onnxruntime is the CPU build: a CUDA graph (fp16, GPU-only kernels)
+        # cannot run here, and a CPU run of something else would prove nothing.
         return {"status": "skipped",
-                "reason": f"target device {opts.device} ({opts.precision}) cannot run on this CPU-only "
-                          "machine; NOT verified. Verify on the target GPU before serving."}
+                "reason": f"target device {opts.device} ({opts.precision}) cannot run with this machine's "
+                          "onnxruntime (CPU execution provider only); NOT verified. Verify on the target "
+                          "GPU before serving."}
     crit = CRITERIA[opts.precision]
     n = opts.verify_tokens
     start = time.monotonic()
