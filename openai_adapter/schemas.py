@@ -84,7 +84,7 @@ Prompt = Union[str, Annotated[list[str], Field(min_length=1, max_length=64)], Pr
 
 class CompletionRequest(_Sampling):
     prompt: Prompt
-    max_tokens: Optional[Annotated[StrictInt, Field(ge=0, le=1_000_000)]] = 16
+    max_tokens: Optional[MaxTokens] = 16
     echo: StrictBool = False
     logprobs: Optional[Annotated[StrictInt, Field(ge=0, le=5)]] = None
     best_of: Optional[Annotated[StrictInt, Field(ge=1, le=128)]] = None

@@ -8,6 +8,7 @@ circuit is closed and on which the model is ready. Each request is one decoupled
 from __future__ import annotations
 
 import asyncio
+import codecs
 import itertools
 import logging
 import time
@@ -214,13 +215,15 @@ def build_inputs(req: GenerationRequest) -> list[InferInput]:
     return inputs
 
 
-def parse_chunk(result) -> Optional[Chunk]:
-    """A Chunk from one InferResult; None for the empty final response."""
+def parse_chunk(result, decoder: Optional[codecs.IncrementalDecoder] = None) -> Optional[Chunk]:
+    """A Chunk from one InferResult; None for the empty final response. `decoder` (one per
+    stream) keeps a UTF-8 character split across responses whole."""
     text = result.as_numpy("text_output")
     finish = result.as_numpy("finish_reason")
     if text is None and finish is None:
         return None
-    pieces = [] if text is None else [t.decode("utf-8", "replace") if isinstance(t, bytes) else str(t)
+    decoder = decoder or codecs.getincrementaldecoder("utf-8")("replace")
+    pieces = [] if text is None else [decoder.decode(t) if isinstance(t, bytes) else str(t)
                                       for t in text.reshape(-1)]
     reason = None
     if finish is not None and finish.size:
@@ -311,6 +314,7 @@ class TritonPool:
 
         ep.in_flight += 1
         finished = False
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
         stream = ep.grpc.stream_infer(inputs_iterator=requests())
         try:
             while True:
@@ -337,7 +341,12 @@ class TritonPool:
                 ep.breaker.record_success()
                 final = result.get_response().parameters["triton_final_response"].bool_param \
                     if "triton_final_response" in result.get_response().parameters else False
-                chunk = parse_chunk(result)
+                chunk = parse_chunk(result, decoder)
+                if final:
+                    tail = decoder.decode(b"", final=True)
+                    if tail:
+                        chunk = chunk or Chunk("")
+                        chunk.text += tail
                 if chunk is not None:
                     yield chunk
                 if final:

@@ -171,3 +171,20 @@ async def test_pool_picks_least_loaded_usable_endpoint():
     finally:
         for ep in pool.endpoints:
             await ep.close()
+
+
+def test_utf8_split_across_responses_stays_whole():
+    import codecs
+    from openai_adapter.triton_client import parse_chunk
+
+    class Result:
+        def __init__(self, text):
+            self.text = text
+
+        def as_numpy(self, name):
+            return np.array([[self.text]], dtype=object) if name == "text_output" else None
+
+    data = "é中😀".encode()
+    dec = codecs.getincrementaldecoder("utf-8")("replace")
+    out = "".join(parse_chunk(Result(data[i:i + 1]), dec).text for i in range(len(data)))
+    assert out == "é中😀"
