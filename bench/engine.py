@@ -1,0 +1,239 @@
+"""Benchmark of the `llm` model in a real tritonserver against transformers `generate`.
+
+    python -m bench.engine [--precision int4 fp32] [--concurrency 1 4 16] [--with-64]
+
+For each export precision it starts tritonserver on the default model, drives it over
+gRPC streams (llm_backend.client, async) at each concurrency with fixed prompt and
+output lengths (distinct prompts of --prompt-len tokens sent as input_ids, greedy,
+ignore_eos, --output-len new tokens), clients starting staggered, and measures:
+aggregate output tokens/s, time to first token p50/p99, inter-token latency p50/p99.
+It also measures time to first token of a new ~100-token prompt at one stream and of
+the same prompt again (prefix cache). In the same run it measures transformers
+`generate` (fp32, the same prompts batched at each concurrency) as the baseline.
+Writes bench/results/engine-<time>.json and .md and prints the table.
+
+Not a test: times on a shared 2-core machine are noisy; compare ratios of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = REPO_ROOT / "bench" / "results"
+MODEL = "smollm2-135m-instruct"
+
+TOPICS = ["the ocean", "a lighthouse keeper", "mountain weather", "ancient Rome", "a robot painter",
+          "coffee farming", "the moon landing", "a jazz club", "desert plants", "a chess prodigy",
+          "volcanoes", "a night train", "honeybees", "the printing press", "arctic foxes", "a bakery",
+          "glaciers", "a space station", "medieval castles", "rainforests", "a violin maker",
+          "tidal pools", "city buses", "a marathon"]
+
+
+def make_prompts(tok, n: int, length: int) -> list[list[int]]:
+    """n distinct prompts of exactly `length` tokens (no shared prefix: no cache hits)."""
+    filler = (" Describe its history, the people involved, the sounds and colours, and what a visitor "
+              "would notice first, then explain why it matters today in a few careful sentences.") * 4
+    out = []
+    for i in range(n):
+        ids = tok.encode(f"Request {i}: write about {TOPICS[i % len(TOPICS)]}.{filler}",
+                         add_special_tokens=False).ids[:length]
+        out.append(ids)
+    return out
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
+
+
+async def run_level(url: str, prompts: list[list[int]], concurrency: int, requests: int,
+                    output_len: int, stagger: float) -> dict:
+    import tritonclient.grpc.aio as grpcclient
+
+    from llm_backend.client import generate
+
+    client = grpcclient.InferenceServerClient(url)
+    queue = list(range(requests))
+    results = []
+
+    async def worker(w: int):
+        await asyncio.sleep(w * stagger)               # arrivals staggered
+        while queue:
+            i = queue.pop(0)
+            r = await generate(client, MODEL, input_ids=prompts[i % len(prompts)], max_tokens=output_len,
+                               ignore_eos=True, temperature=0.0)
+            if r.error:
+                raise RuntimeError(r.error)
+            results.append(r)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    await client.close()
+    tokens = sum(r.num_output_tokens for r in results)
+    ttft = [r.ttft for r in results if r.ttft is not None]
+    itl = [b - a for r in results for a, b in zip(r.times, r.times[1:])]
+    return {"concurrency": concurrency, "requests": len(results), "output_tokens": tokens,
+            "seconds": round(elapsed, 3), "tok_s": round(tokens / elapsed, 1),
+            "ttft_p50_ms": round(pct(ttft, 50) * 1000, 1), "ttft_p99_ms": round(pct(ttft, 99) * 1000, 1),
+            "itl_p50_ms": round(pct(itl, 50) * 1000, 1), "itl_p99_ms": round(pct(itl, 99) * 1000, 1)}
+
+
+async def prefix_probe(url: str, tok) -> dict:
+    """TTFT of a new ~100-token prompt at one stream, then of the same prompt again."""
+    import tritonclient.grpc.aio as grpcclient
+
+    from llm_backend.client import generate
+
+    client = grpcclient.InferenceServerClient(url)
+    system = ("You are a meticulous assistant for a shipping company. Answer in two sentences, cite the "
+              "relevant policy section, never invent tracking numbers, and ask for the order id when it "
+              "is missing. Policies: returns within 30 days; refunds in 5 business days; damaged goods "
+              "are replaced free of charge; international orders pay customs on delivery. ")
+    out = {}
+    for label in ("new_prompt", "cached_prefix"):
+        ttfts = []
+        for k in range(3):
+            # each repetition: a new prompt for "new_prompt", the same one for "cached_prefix"
+            text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nOrder {k if label == 'new_prompt' else 0} question"
+            prefix = f"Case {time.monotonic_ns()}: " if label == "new_prompt" else ""
+            ids = tok.encode(prefix + text, add_special_tokens=False).ids
+            r = await generate(client, MODEL, input_ids=ids, max_tokens=2, temperature=0.0)
+            if r.error:
+                raise RuntimeError(r.error)
+            ttfts.append(r.ttft)
+        out[label] = {"prompt_tokens": len(ids), "ttft_ms": round(statistics.median(ttfts) * 1000, 1)}
+    await client.close()
+    return out
+
+
+def baseline(prompts: list[list[int]], levels: list[int], output_len: int, threads: int) -> dict:
+    """transformers generate, fp32, greedy, the same prompts left-padded into one batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from export.default_model import fetch_default_model
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(fetch_default_model(), dtype=torch.float32).eval()
+    out = {}
+    with torch.inference_mode():
+        warm = torch.tensor([prompts[0]])
+        model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, do_sample=False)
+        for c in levels:
+            ids = torch.tensor(prompts[:c])              # equal lengths: no padding needed
+            t0 = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
+                           min_new_tokens=output_len, do_sample=False, pad_token_id=2)
+            dt = time.perf_counter() - t0
+            out[c] = {"seconds": round(dt, 3), "tok_s": round(c * output_len / dt, 1)}
+    return out
+
+
+def serve_and_measure(precision: str, prompts, levels, args, tok) -> dict:
+    from stack.default_model import ensure_default_model
+    from stack.ports import free_port
+    from stack.triton import TritonServer
+
+    with tempfile.TemporaryDirectory(prefix="bench-repo-") as tmp:
+        repo = Path(tmp)
+        ensure_default_model(repo, precision=precision, max_num_seqs=max(levels), max_model_len=512,
+                             max_queue_size=256, intra_op_threads=args.threads)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        log = RESULTS / f"tritonserver-{precision}.log"
+        log.write_text("")
+        with TritonServer(repo, free_port(), free_port(), free_port(), log_path=log) as srv:
+            async def measure():
+                # warm-up: first calls allocate and page in the weights
+                await run_level(srv.grpc_url, prompts, 2, 2, 8, 0.0)
+                rows = []
+                for c in levels:
+                    n = c if c >= 16 else max(4, 2 * c)
+                    row = await run_level(srv.grpc_url, prompts, c, n, args.output_len, args.stagger)
+                    rows.append(row)
+                    print(f"  {precision} c={c}: {row['tok_s']} tok/s, TTFT p50 {row['ttft_p50_ms']} ms, "
+                          f"ITL p50 {row['itl_p50_ms']} ms", flush=True)
+                probe = await prefix_probe(srv.grpc_url, tok)
+                return rows, probe
+            rows, probe = asyncio.run(measure())
+    return {"levels": rows, "prefix": probe}
+
+
+def render(report: dict) -> str:
+    lines = ["| engine | concurrency | output tok/s | vs transformers | TTFT p50 / p99 ms | ITL p50 / p99 ms |",
+             "|---|---|---|---|---|---|"]
+    base = report["baseline"]
+    for c, b in base.items():
+        lines.append(f"| transformers generate fp32, batch of {c} | {c} | {b['tok_s']} | 1.00x | | |")
+    for prec, res in report["engines"].items():
+        for row in res["levels"]:
+            b = base.get(str(row["concurrency"])) or base.get(row["concurrency"])
+            ratio = f"{row['tok_s'] / b['tok_s']:.2f}x" if b else ""
+            lines.append(f"| llm backend {prec} | {row['concurrency']} | {row['tok_s']} | {ratio} | "
+                         f"{row['ttft_p50_ms']} / {row['ttft_p99_ms']} | {row['itl_p50_ms']} / {row['itl_p99_ms']} |")
+    lines.append("")
+    lines.append("| engine | new prompt: tokens, TTFT ms | repeated prefix (prompt cache): TTFT ms |")
+    lines.append("|---|---|---|")
+    for prec, res in report["engines"].items():
+        p = res["prefix"]
+        lines.append(f"| llm backend {prec} | {p['new_prompt']['prompt_tokens']}, {p['new_prompt']['ttft_ms']} | "
+                     f"{p['cached_prefix']['ttft_ms']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--precision", nargs="+", default=["int4", "fp32"], choices=["int4", "fp32", "int8"])
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
+    ap.add_argument("--with-64", action="store_true", help="add concurrency 64 (slow on 2 cores)")
+    ap.add_argument("--prompt-len", type=int, default=38)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--stagger", type=float, default=0.1, help="seconds between client starts")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--no-baseline", action="store_true")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    levels = sorted(set(args.concurrency + ([64] if args.with_64 else [])))
+
+    from llm_backend.service import load_tokenizer
+    from stack.default_model import ensure_default_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = load_tokenizer(ensure_default_model(Path(tmp), precision=args.precision[0]) / "1")
+    prompts = make_prompts(tok, max(levels) * 2, args.prompt_len)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": {"cpus": os.cpu_count(),
+              "platform": platform.platform(), "python": sys.version.split()[0]},
+              "settings": vars(args), "engines": {}, "baseline": {}}
+    for prec in args.precision:
+        print(f"llm backend, {prec} ...", flush=True)
+        report["engines"][prec] = serve_and_measure(prec, prompts, levels, args, tok)
+    if not args.no_baseline:
+        print("transformers generate (fp32) ...", flush=True)
+        report["baseline"] = {str(k): v for k, v in
+                              baseline(prompts, [c for c in levels if c <= 16], args.output_len, args.threads).items()}
+    table = render(report)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"engine-{stamp}.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / f"engine-{stamp}.md").write_text(
+        f"# bench.engine {report['date']}\n\n{args.prompt_len} prompt tokens, {args.output_len} output tokens, "
+        f"greedy, {args.threads} threads, clients staggered by {args.stagger}s.\n\n{table}\n")
+    print(table)
+    print(f"\nwritten: bench/results/engine-{stamp}.json, .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
