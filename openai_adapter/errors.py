@@ -99,7 +99,7 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "constraine
 
 def _most_telling(errors: list[dict[str, Any]]) -> dict[str, Any]:
     """Of a union's errors, one about the value (too long, too big) beats "wrong type"."""
-    return sorted(errors, key=lambda e: e.get("type", "").endswith(("_type", "_parsing")))[0]
+    return sorted(errors, key=lambda e: (e.get("type", "").endswith(("_type", "_parsing")), -len(e.get("loc", ()))))[0]
 
 
 def _validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
@@ -111,6 +111,8 @@ def _validation_message(err: dict[str, Any]) -> tuple[str, str | None]:
     if kind == "json_invalid":
         return "the request body is not valid JSON", None
     if kind == "missing":
+        if param is None:
+            return "the request body is empty; send a JSON object", None
         return f"missing required field {param!r}", param
     if kind == "model_attributes_type" and not loc:
         if isinstance(err.get("input"), (bytes, str)):
@@ -140,7 +142,9 @@ def install(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         message, param = _validation_message(_most_telling(errors)) if errors else ("invalid request", None)
-        others = {_validation_message(e)[1] for e in errors} - {param}
+        # Union alternatives of the same field are one mistake, not several.
+        top = lambda e: str((_validation_message(e)[1] or "").split(".")[0])  # noqa: E731
+        others = {top(e) for e in errors} - {(param or "").split(".")[0]}
         if others:
             message += f" (and {len(others)} more invalid field{'s' if len(others) > 1 else ''})"
         return invalid(message, param=param).response()

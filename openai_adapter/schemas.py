@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator
 
 Temperature = Annotated[float, Field(strict=True, ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(strict=True, ge=0.0, le=1.0)]
@@ -21,6 +21,16 @@ N = Annotated[StrictInt, Field(ge=1, le=128)]
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _null_means_default(cls, value: Any, info: ValidationInfo) -> Any:
+        # Clients send `"n": null` for "not given": treat it so for optional fields.
+        if value is None and info.field_name is not None:
+            f = cls.model_fields[info.field_name]
+            if not f.is_required():
+                return f.get_default(call_default_factory=True)
+        return value
 
 
 class StreamOptions(_Open):
