@@ -103,6 +103,14 @@ async def test_completions_echo_and_token_prompt():
         assert r.status_code == 200 and fake.requests[-1].prompt == [1, 2, 3]
 
 
+async def test_null_optional_fields_mean_not_given():
+    async with app_client() as (http, fake):
+        r = await http.post(CHAT, json={"model": "fake", "messages": msgs(), "n": None, "stream": None, "stop": None,
+                                        "temperature": None, "max_tokens": None, "stream_options": None})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 1
+        assert fake.requests[0].temperature is None and fake.requests[0].max_tokens is None
+
+
 async def test_unknown_fields_accepted_and_logged(caplog):
     async with app_client() as (http, _):
         with caplog.at_level("INFO"):
@@ -116,6 +124,10 @@ BAD = [
     # (endpoint, body or raw bytes, status, type, param)
     (CHAT, b"{not json", 400, "invalid_request_error", None),
     (CHAT, b"[1, 2]", 400, "invalid_request_error", None),
+    (CHAT, b"", 400, "invalid_request_error", None),
+    (CHAT, b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400, "invalid_request_error", "temperature"),
+    (CHAT, {"model": "fake", "messages": msgs(), "n": 2.5}, 400, "invalid_request_error", "n"),
+    (CHAT, {"model": "fake", "messages": msgs(), "tool_choice": "required"}, 400, "invalid_request_error", "tool_choice"),
     (CHAT, {"messages": msgs()}, 400, "invalid_request_error", "model"),
     (CHAT, {"model": "fake"}, 400, "invalid_request_error", "messages"),
     (CHAT, {"model": "fake", "messages": []}, 400, "invalid_request_error", "messages"),
