@@ -183,6 +183,8 @@ def create_app(settings: Optional[Settings] = None, client: Optional[LLMClient] 
             llm = client
             app.state.health = health or StaticHealth(client)
         app.state.deps = Deps(settings, llm, admission, m)
+        if client is None:
+            app.state.deps.on_generation_ok = prober.note_success
         log.info("settings: %s", settings.redacted())
         try:
             yield

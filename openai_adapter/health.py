@@ -40,6 +40,10 @@ class Prober:
         self.last_ok: dict[str, float] = {}  # model -> monotonic time of the last good generation
         self.last_error: dict[str, str] = {}
 
+    def note_success(self, model: str) -> None:
+        """A request finished normally: as good a proof as a probe."""
+        self.last_ok[model] = time.monotonic()
+
     def status(self) -> tuple[bool, dict[str, Any]]:
         now = time.monotonic()
         models: dict[str, str] = {}
@@ -89,6 +93,8 @@ class Prober:
             await self._generate(ep, model)
 
     async def _generate(self, ep, model: str) -> None:
+        if time.monotonic() - self.last_ok.get(model, -1e9) < self.settings.health_interval_s:
+            return  # traffic just proved it
         req = GenerationRequest(model=model, prompt="Hello", max_tokens=1, temperature=0.0,
                                 request_id="health-probe")
         ok = False

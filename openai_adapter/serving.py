@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -38,6 +38,7 @@ class Deps:
     admission: Admission
     metrics: Metrics
     draining: bool = False
+    on_generation_ok: Callable[[str], None] = lambda model: None  # real traffic also proves health
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -126,6 +127,7 @@ async def choice_events(deps: Deps, index: int, req: GenerationRequest, started:
     finally:
         await stream.aclose()
     m.e2e.labels(req.model).observe(time.monotonic() - started)
+    deps.on_generation_ok(req.model)
     yield Event(index, stopper.flush(), finish_reason(reason), n_in, n_out if n_out is not None else pieces)
 
 
