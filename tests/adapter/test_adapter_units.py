@@ -188,3 +188,13 @@ def test_utf8_split_across_responses_stays_whole():
     dec = codecs.getincrementaldecoder("utf-8")("replace")
     out = "".join(parse_chunk(Result(data[i:i + 1]), dec).text for i in range(len(data)))
     assert out == "é中😀"
+
+
+def test_adapter_never_imports_the_model_code():
+    import subprocess
+    import sys
+    code = ("import sys, openai_adapter.main, openai_adapter.app; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('llm_backend', 'export', 'stack', 'torch', "
+            "'transformers', 'onnxruntime', 'httpx')); print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

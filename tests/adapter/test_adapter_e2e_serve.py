@@ -1,0 +1,50 @@
+"""`make serve` (python -m stack.serve): ready, answers, stops cleanly on SIGTERM and Ctrl-C."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from stack.ports import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_ready_answers_and_stops_cleanly(tmp_path, sig):
+    ports = [free_port() for _ in range(4)]
+    env = dict(os.environ, ADAPTER_HOST="127.0.0.1", ADAPTER_PORT=str(ports[0]), TRITON_HTTP_PORT=str(ports[1]),
+               TRITON_GRPC_PORT=str(ports[2]), TRITON_METRICS_PORT=str(ports[3]), HF_HUB_OFFLINE="1")
+    out = tmp_path / "serve.out"
+    proc = subprocess.Popen([sys.executable, "-m", "stack.serve"], cwd=REPO_ROOT, env=env,
+                            stdout=open(out, "wb"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while "Ready" not in out.read_text():
+            assert proc.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.5)
+        text = out.read_text()
+        assert f"http://127.0.0.1:{ports[0]}/v1" in text and "curl" in text
+        r = httpx.post(f"http://127.0.0.1:{ports[0]}/v1/chat/completions", timeout=60, json={
+            "model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+        proc.send_signal(sig)
+        assert proc.wait(60) == 0, out.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.5)
+    left = [l for l in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+            if f"--http-port={ports[1]}" in l]
+    assert left == []
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{ports[0]}/health/live", timeout=2)
