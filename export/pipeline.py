@@ -82,7 +82,10 @@ def apply_overrides(params: EngineParams, overrides: dict) -> EngineParams:
 
 def stage_files(ckpt: Checkpoint, version_dir: Path) -> None:
     """Copy the checkpoint's tokenizer/config files and the chat template next to the ONNX model."""
+    own_fast_tokenizer = (ckpt.path / "tokenizer.json").is_file()
     for name in CARRIED_FILES:
+        if name == "tokenizer_config.json" and not own_fast_tokenizer:
+            continue  # keep the builder's, written together with the tokenizer.json it converted
         if (ckpt.path / name).is_file():
             shutil.copy2(ckpt.path / name, version_dir / name)
     template = version_dir / "chat_template.jinja"

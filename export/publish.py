@@ -36,7 +36,8 @@ def staging(model_dir: Path) -> Iterator[Path]:
     """
     created = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=model_dir))
+    remove_abandoned_staging(model_dir)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=model_dir))
     try:
         yield stage
     finally:
@@ -46,6 +47,18 @@ def staging(model_dir: Path) -> Iterator[Path]:
                 model_dir.rmdir()  # only succeeds when nothing was published
             except OSError:
                 pass
+
+
+def remove_abandoned_staging(model_dir: Path) -> None:
+    """Remove staging directories of exporters that were killed (their pid is gone)."""
+    for path in model_dir.glob(STAGING_PREFIX + "*"):
+        try:
+            pid = int(path.name[len(STAGING_PREFIX):].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass  # not ours to judge
 
 
 def write_config(model_dir: Path, name: str, params: EngineParams, *, instance_kind: str,

@@ -122,3 +122,19 @@ def test_help_explains_the_options():
     for word in ("--name", "--repository", "--precision", "--device", "--chat-template",
                  "--no-chat-template", "--max-model-len", "--skip-verify", "verify", "atomic"):
         assert word in proc.stdout, word
+
+
+def test_staging_of_a_killed_exporter_is_cleaned_up(tmp_path):
+    from export.publish import STAGING_PREFIX, staging
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    model_dir = tmp_path / "m"
+    (model_dir / f"{STAGING_PREFIX}{dead}-abc" / "version").mkdir(parents=True)
+    with staging(model_dir) as stage:
+        assert stage.name.startswith(f"{STAGING_PREFIX}{os.getpid()}-")
+        assert [p.name for p in model_dir.iterdir()] == [stage.name]
+    assert list(model_dir.iterdir()) == []
+    with staging(tmp_path / "new"):
+        pass
+    assert not (tmp_path / "new").exists()  # nothing published: the directory it created is gone too

@@ -212,3 +212,13 @@ def test_chat_template_override_and_opt_out(ckpt_copy, tmp_path):
 def test_chat_template_invalid_jinja(ckpt_copy):
     (ckpt_copy / "chat_template.jinja").write_text("{% for m in messages %}{{ m }")
     refused(ckpt_copy, "chat template", "chat_template.jinja", "not valid Jinja")
+
+
+def test_slow_tokenizer_files_are_an_equivalent(ckpt_copy):
+    # vocab.json + merges.txt instead of tokenizer.json: accepted when it loads.
+    from tokenizers import Tokenizer
+
+    Tokenizer.from_file(str(ckpt_copy / "tokenizer.json")).model.save(str(ckpt_copy))
+    (ckpt_copy / "tokenizer.json").unlink()
+    edit_json(ckpt_copy / "tokenizer_config.json", tokenizer_class="GPT2Tokenizer")
+    assert validate_checkpoint(ckpt_copy).eos_token == "</s>"
