@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.shutdown_grace_s, access_log=False,
+                            timeout_graceful_shutdown=settings.shutdown_grace_s, access_log=settings.access_log,
                             lifespan="on")
     server = _Server(config, app)
     server.run()

@@ -90,9 +90,12 @@ def check_common(req: _Sampling, settings: Settings, what: str) -> None:
         log.info("%s: ignoring unknown fields %s", what, sorted(req.model_extra))
 
 
-def sampling(req: _Sampling, model: str, prompt: Any, max_tokens: Optional[int], request_id: str) -> GenerationRequest:
+def sampling(req: _Sampling, model: str, prompt: Any, max_tokens: Optional[int], request_id: str,
+             choice: int = 0) -> GenerationRequest:
+    # With a seed, choice j samples with seed + j: reproducible, yet n different choices.
+    seed = None if req.seed is None else req.seed + choice
     return GenerationRequest(model=model, prompt=prompt, max_tokens=max_tokens, stop=req.stop_list(),
-                             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
+                             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=seed,
                              presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                              ignore_eos=req.ignore_eos, request_id=request_id)
 
@@ -330,6 +333,9 @@ async def _stream_body(first: Optional[Event], events: AsyncIterator[Event], fmt
         yield sse.event(err.body())
     except ClientGone:
         return
+    except Exception:  # a bug here must still end the stream the way clients understand
+        log.exception("stream failed")
+        yield sse.event(OpenAIError(500, "internal server error", code="internal_error").body())
     finally:
         await events.aclose()
     yield sse.DONE

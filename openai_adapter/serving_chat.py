@@ -77,7 +77,8 @@ async def create_chat_completion(deps: Deps, req: ChatCompletionRequest, raw: Re
                                   eos_token=info.eos_token, model=info.name)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     rid = new_id("chatcmpl")
-    reqs = [sampling(req, info.name, prompt, max_tokens, rid if req.n == 1 else f"{rid}-{i}") for i in range(req.n)]
+    reqs = [sampling(req, info.name, prompt, max_tokens, rid if req.n == 1 else f"{rid}-{i}", i)
+            for i in range(req.n)]
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     fmt = ChatFormatter(rid, req.model, req.n, include_usage)
     return await execute(deps, raw, reqs, req.n, req.stream, fmt)

@@ -63,7 +63,8 @@ async def create_completion(deps: Deps, req: CompletionRequest, raw: Request):
     for p, prompt in enumerate(prompts):
         for j in range(req.n):
             i = p * req.n + j
-            reqs.append(sampling(req, info.name, prompt, req.max_tokens, rid if len(prompts) * req.n == 1 else f"{rid}-{i}"))
+            reqs.append(sampling(req, info.name, prompt, req.max_tokens,
+                                 rid if len(prompts) * req.n == 1 else f"{rid}-{i}", j))
             echo.append(prompt if req.echo and isinstance(prompt, str) else "")
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     fmt = CompletionFormatter(rid, req.model, len(reqs), include_usage, echo)

@@ -33,6 +33,7 @@ class Settings:
     retry_after_s: int = 1
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
+    access_log: bool = True
 
     ENV = {
         "host": "ADAPTER_HOST",
@@ -54,6 +55,7 @@ class Settings:
         "retry_after_s": "ADAPTER_RETRY_AFTER_S",
         "shutdown_grace_s": "ADAPTER_SHUTDOWN_GRACE_S",
         "log_level": "ADAPTER_LOG_LEVEL",
+        "access_log": "ADAPTER_ACCESS_LOG",
     }
     SECRET = frozenset({"api_keys"})
 

@@ -85,8 +85,9 @@ async def test_stop_sequence_cut_across_pieces_streaming_and_not():
 
 async def test_n_choices_and_multiple_prompts():
     async with app_client() as (http, fake):
-        r = await http.post(CHAT, json={"model": "fake", "messages": msgs(), "max_tokens": 2, "n": 3})
+        r = await http.post(CHAT, json={"model": "fake", "messages": msgs(), "max_tokens": 2, "n": 3, "seed": 7})
         assert [c["index"] for c in r.json()["choices"]] == [0, 1, 2]
+        assert [q.seed for q in fake.requests] == [7, 8, 9]  # reproducible, yet different choices
         assert r.json()["usage"]["completion_tokens"] == 6
         r = await http.post(COMP, json={"model": "fake", "prompt": ["a", "b c"], "max_tokens": 1, "n": 2,
                                         "stream": True})
