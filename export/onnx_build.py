@@ -8,6 +8,7 @@ and imports heavy modules, and a separate process gives all of that back at once
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -47,8 +48,11 @@ def run_builder(checkpoint: Path, out_dir: Path, precision: str, device: str,
     start = time.monotonic()
     with open(log_path, "w") as log:
         # cwd outside the onnxruntime_genai package: importing it from inside aborts.
-        proc = subprocess.run(cmd, cwd=out_dir.parent, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, timeout=timeout_s)
+        try:
+            proc = subprocess.run(cmd, cwd=out_dir.parent, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, timeout=timeout_s)
+        except subprocess.TimeoutExpired as err:
+            raise BuildError(f"the ONNX model builder did not finish within {timeout_s} s") from err
     elapsed = time.monotonic() - start
     _remove_tree(cache_dir)
     if proc.returncode != 0 or not (out_dir / "model.onnx").exists():
@@ -59,5 +63,4 @@ def run_builder(checkpoint: Path, out_dir: Path, precision: str, device: str,
 
 
 def _remove_tree(path: Path) -> None:
-    import shutil
     shutil.rmtree(path, ignore_errors=True)

@@ -130,7 +130,11 @@ def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportRe
         elif verifier is None:
             verification = {"status": "skipped", "reason": "verification not available in this build"}
         else:
-            verification = verifier(ckpt, version_dir, opts)
+            try:
+                verification = verifier(ckpt, version_dir, opts)
+            except Exception as err:  # a model that cannot even run has failed verification
+                verification = {"status": "failed", "reason": f"the verification could not run: "
+                                                              f"{type(err).__name__}: {err}"}
         if verification.get("status") == "failed":
             raise VerificationFailed(verification)
         manifest = {
