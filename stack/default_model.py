@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from export.default_model import MODEL_ID, fetch_default_model
-from export.manifest import read_manifest, weights_checksum
+from export.manifest import read_manifest, tool_versions, weights_checksum
 from export.onnx_build import builder_options
 from export.pipeline import ExportOptions, apply_overrides, instance_kind, run_export
 from export.publish import link_or_copy, publish_version, staging, versions, write_config
@@ -75,13 +75,14 @@ def cached_export(checkpoint: Path, precision: str, name: str) -> Path:
 
 
 def _is_current(version_dir: Path, precision: str) -> bool:
-    """A cached export is reused only if it passed verification with today's builder options."""
+    """A cached export is reused only if it passed verification with today's builder and tools."""
     try:
         m = read_manifest(version_dir)
     except (OSError, ValueError):
         return False
     return (m.get("verification", {}).get("status") == "passed"
-            and m.get("builder_options") == builder_options(precision))
+            and m.get("builder_options") == builder_options(precision)
+            and m.get("tools") == tool_versions())  # a bumped pin means a new export
 
 
 def ensure_default_model(repository: Path, precision: str = "int4", name: str = MODEL_ID,
