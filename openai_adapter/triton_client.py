@@ -325,11 +325,14 @@ class TritonPool:
                     raise UpstreamDown("stream ended without the final response") from None
                 except grpc.aio.AioRpcError as err:
                     finished = True
+                    mapped = from_model_message(str(err.details() or ""), self.retry_after)
+                    if isinstance(mapped, OpenAIError) and mapped.status == 429:
+                        raise mapped from None  # queue full: busy, not down
                     self._on_error(ep.grpc_url, err.code().name.lower())
                     if err.code() in _DOWN:
                         ep.breaker.record_failure()
                         raise UpstreamDown(str(err.details())) from None
-                    raise from_model_message(str(err.details()), self.retry_after) from None
+                    raise mapped from None
                 if error is not None:
                     finished = True
                     mapped = from_model_message(error.message(), self.retry_after)

@@ -27,6 +27,7 @@ def stack(tmp_path_factory):
     log_dir = tmp / "marks"
     log_dir.mkdir()
     fakellm.make_model_dir(tmp / "repo", "fake", log_dir=log_dir)
+    fakellm.make_model_dir(tmp / "repo", "fakeq", log_dir=log_dir, triton_queue_size=1, max_batch_size=1)
     triton = start_triton(tmp / "repo", tmp / "triton.log", {"fakellm": fakellm.MODEL_PY})
     dead = free_port()  # a second endpoint that never answers: skipped by its circuit
     adapter = AdapterProcess(f"{triton.grpc_url},127.0.0.1:{dead}", f"{triton.http_url},http://127.0.0.1:{dead}",
@@ -63,7 +64,7 @@ def test_sdk_streaming_and_not(stack):
                                                         stream_options={"include_usage": True})]
     assert "".join(c.choices[0].delta.content or "" for c in pieces if c.choices) == "hello world from "
     assert pieces[-1].usage.total_tokens == pieces[-1].usage.prompt_tokens + 3
-    assert [m.id for m in client.models.list()] == ["fake"]
+    assert [m.id for m in client.models.list()] == ["fake", "fakeq"]
 
 
 def test_dead_endpoint_is_skipped_and_its_circuit_open(stack):
@@ -155,6 +156,19 @@ async def test_overload_gives_429_with_retry_after_at_once(stack):
         assert wait_for(stack["marks"] / f"{tag}.cancelled", 3.0), tag
     r = httpx.post(url + "/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 1})
     assert r.status_code == 200
+
+
+async def test_triton_queue_full_is_429(stack):
+    url = stack["adapter"].url + "/v1/completions"
+    async with httpx.AsyncClient(timeout=30) as http:
+        async def one(i: int):
+            await asyncio.sleep(0.05 * i)  # in order: one runs, one waits in Triton's queue, the rest overflow
+            return await http.post(url, json={"model": "fakeq", "prompt": "[[block=1000]]", "max_tokens": 1})
+        rs = await asyncio.gather(*(one(i) for i in range(4)))
+    statuses = sorted(r.status_code for r in rs)
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 1, [r.text for r in rs]
+    busy = next(r for r in rs if r.status_code == 429)
+    assert busy.headers["retry-after"] and busy.json()["error"]["type"] == "rate_limit_error"
 
 
 def test_sigterm_drains_in_flight_stream_then_exits(stack):
