@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -99,9 +100,15 @@ def ensure_default_model(repository: Path, precision: str = "int4", name: str = 
     repository = Path(repository)
     model_dir = repository / name
     instance_count = int(engine_overrides.pop("instance_count", 1))
-    latest = versions(model_dir)
-    current = latest and _same_export(model_dir / str(latest[-1]), precision)
-    if not current:
+    # One caller at a time per model directory (make serve beside a test run),
+    # so two callers never publish two versions of the same export.
+    lock = EXPORT_CACHE / "locks" / (hashlib.sha256(str(model_dir.resolve()).encode()).hexdigest()[:16] + ".lock")
+    with _locked(lock):
+        latest = versions(model_dir)
+        if latest and _same_export(model_dir / str(latest[-1]), precision):
+            manifest = read_manifest(model_dir / str(latest[-1]))
+            _write_config(model_dir, name, manifest, engine_overrides, instance_count)
+            return model_dir
         source = cached_export(fetch_default_model(), precision, name)
         with staging(model_dir) as stage:
             staged = stage / "version"
@@ -111,9 +118,6 @@ def ensure_default_model(repository: Path, precision: str = "int4", name: str = 
             manifest = read_manifest(staged)
             _write_config(model_dir, name, manifest, engine_overrides, instance_count)
             publish_version(staged, model_dir)
-    else:
-        manifest = read_manifest(model_dir / str(versions(model_dir)[-1]))
-        _write_config(model_dir, name, manifest, engine_overrides, instance_count)
     return model_dir
 
 
