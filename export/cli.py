@@ -103,10 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                          instance_count=args.instance_count, skip_verify=args.skip_verify,
                          verify_tokens=args.verify_tokens, engine_overrides=overrides, quiet=args.quiet,
                          builder_options=dict(o.split("=", 1) for o in args.builder_option))
-    from .verify import verify_export
-
     try:
-        result = run_export(args.checkpoint, opts, verifier=verify_export)
+        result = run_export(args.checkpoint, opts)
     except CheckpointError as err:
         print_failure(f"invalid checkpoint: {err}")
         return 2

@@ -108,8 +108,21 @@ def check_artifacts(version_dir: Path) -> dict:
     return {"model_onnx_bytes": graph, "external_data_bytes": data.stat().st_size if data.exists() else 0}
 
 
+def _verify(ckpt: Checkpoint, version_dir: Path, opts: ExportOptions, verifier) -> dict:
+    if opts.skip_verify:
+        return {"status": "skipped", "reason": "--skip-verify given: NOT verified against the source model"}
+    if verifier is None:
+        from .verify import verify_export as verifier
+    try:
+        return verifier(ckpt, version_dir, opts)
+    except Exception as err:  # a model that cannot even run has failed verification
+        return {"status": "failed", "reason": f"the verification could not run: {type(err).__name__}: {err}"}
+
+
 def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportResult:
-    """Validate, build, verify and publish; raise on failure (nothing published then)."""
+    """Validate, build, verify (with `verifier`, default export.verify) and publish.
+
+    Raises on failure; nothing is published then."""
     start = time.monotonic()
     progress(opts, f"validating {checkpoint}")
     ckpt = validate_checkpoint(checkpoint, opts.chat_template_file, opts.no_chat_template)
@@ -125,16 +138,7 @@ def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportRe
         sizes = check_artifacts(version_dir)
         progress(opts, "computing the source weights checksum")
         checksum = mf.weights_checksum(ckpt.weight_files)
-        if opts.skip_verify:
-            verification = {"status": "skipped", "reason": "--skip-verify given: NOT verified against the source model"}
-        elif verifier is None:
-            verification = {"status": "skipped", "reason": "verification not available in this build"}
-        else:
-            try:
-                verification = verifier(ckpt, version_dir, opts)
-            except Exception as err:  # a model that cannot even run has failed verification
-                verification = {"status": "failed", "reason": f"the verification could not run: "
-                                                              f"{type(err).__name__}: {err}"}
+        verification = _verify(ckpt, version_dir, opts, verifier)
         if verification.get("status") == "failed":
             raise VerificationFailed(verification)
         manifest = {
