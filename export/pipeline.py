@@ -16,6 +16,7 @@ from llm_backend.model_config import EngineParams
 
 from . import manifest as mf
 from .onnx_build import BuildError, builder_options, run_builder
+from .pad_heads import head_dim, padded_head_dim, write_padded_checkpoint
 from .publish import publish_version, staging, write_config
 from .validate import Checkpoint, validate_checkpoint
 
@@ -132,7 +133,14 @@ def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportRe
         version_dir = stage / "version"
         progress(opts, f"exporting {ckpt.architecture} to ONNX ({opts.precision}, {opts.device}) ...")
         extra = builder_options(opts.precision, opts.builder_options)
-        build_s = run_builder(ckpt.path, version_dir, opts.precision, opts.device, stage / "builder.log", extra)
+        source, padding = ckpt.path, None
+        if padded_head_dim(ckpt.config):
+            padding = {"head_dim": head_dim(ckpt.config), "exported_head_dim": padded_head_dim(ckpt.config)}
+            progress(opts, f"head size {padding['head_dim']} is not a multiple of 16 (GroupQueryAttention): "
+                           f"exporting an exactly equivalent model with head size {padding['exported_head_dim']}")
+            source = stage / "padded-checkpoint"
+            write_padded_checkpoint(ckpt.path, ckpt.weight_files, ckpt.config, source)
+        build_s = run_builder(source, version_dir, opts.precision, opts.device, stage / "builder.log", extra)
         progress(opts, f"exported in {build_s:.1f} s")
         stage_files(ckpt, version_dir)
         sizes = check_artifacts(version_dir)
@@ -154,6 +162,7 @@ def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportRe
             "artifacts": sorted(p.name for p in version_dir.iterdir()),
             "builder_options": extra,
             "sizes": sizes,
+            "head_padding": padding,
             "build_seconds": round(build_s, 1),
             "tools": mf.tool_versions(),
             "date": mf.now_utc(),

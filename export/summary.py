@@ -42,6 +42,8 @@ def print_summary(result) -> None:
         f"  limits        max_model_len {p['max_model_len']} (context {p['context_length']}), "
         f"max_num_seqs {p['max_num_seqs']}",
         f"  chat template {m['source']['chat_template']}",
+        *([f"  head size     {m['head_padding']['head_dim']} exported as {m['head_padding']['exported_head_dim']} "
+           "(zero-padded for GroupQueryAttention: same outputs, larger KV cache)"] if m.get("head_padding") else []),
         *_verification_lines(m["verification"]),
         f"  config        {result.model_dir / 'config.pbtxt'}",
         f"  time          {result.seconds:.1f} s (ONNX build {m['build_seconds']} s)",

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .pad_heads import head_dim, unsupported_reason
 from .weights import check_weights
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -82,6 +83,11 @@ def check_config(path: Path) -> tuple[dict, str]:
     if missing:
         raise CheckpointError(f"config: {path / 'config.json'} lacks {', '.join(missing)}; "
                               "re-save the config with transformers")
+    reason = unsupported_reason(config)
+    if reason:
+        raise CheckpointError(f"config: {path / 'config.json'} has head size {head_dim(config)}; onnxruntime's "
+                              f"GroupQueryAttention needs a multiple of 16 and this model cannot be padded "
+                              f"exactly ({reason})")
     return config, arch
 
 

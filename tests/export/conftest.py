@@ -28,8 +28,8 @@ CORPUS = [
 ] * 20
 
 
-def build_tiny_checkpoint(dest: Path) -> Path:
-    """Write a complete Hugging Face checkpoint directory into `dest`."""
+def build_tiny_checkpoint(dest: Path, hidden: int = 64, heads: int = 4) -> Path:
+    """Write a complete Hugging Face checkpoint directory into `dest` (head size hidden/heads)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -48,8 +48,8 @@ def build_tiny_checkpoint(dest: Path) -> Path:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=256,
         bos_token_id=tok.token_to_id("<s>"), eos_token_id=tok.token_to_id("</s>"),
         tie_word_embeddings=False, initializer_range=0.2)  # peaked logits: no greedy near-ties
     config.architectures = ["LlamaForCausalLM"]
@@ -68,3 +68,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def ckpt_copy(tiny_checkpoint, tmp_path) -> Path:
     """A private copy of the tiny checkpoint that a test may break."""
     return Path(shutil.copytree(tiny_checkpoint, tmp_path / "ckpt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_builder():
+    """`build_tiny_checkpoint` itself, for tests that need another shape."""
+    return build_tiny_checkpoint

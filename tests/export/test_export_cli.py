@@ -138,3 +138,16 @@ def test_staging_of_a_killed_exporter_is_cleaned_up(tmp_path):
     with staging(tmp_path / "new"):
         pass
     assert not (tmp_path / "new").exists()  # nothing published: the directory it created is gone too
+
+
+def test_head_size_8_is_padded_and_verified(tmp_path, tiny_builder):
+    # hidden 32 / 4 heads: GroupQueryAttention's CPU kernel needs multiples of 16.
+    ckpt = tiny_builder(tmp_path / "ckpt", hidden=32, heads=4)
+    proc = llm_export(ckpt, "--name", "h8", "--repository", tmp_path / "repo", "--verify-tokens", "16")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    version = tmp_path / "repo" / "h8" / "1"
+    assert json.loads((version / "genai_config.json").read_text())["model"]["decoder"]["head_size"] == 16
+    m = json.loads((version / "manifest.json").read_text())
+    assert m["head_padding"] == {"head_dim": 8, "exported_head_dim": 16}
+    assert m["verification"]["status"] == "passed"
+    assert m["verification"]["greedy"]["agreed"] == [16, 16, 16]

@@ -222,3 +222,11 @@ def test_slow_tokenizer_files_are_an_equivalent(ckpt_copy):
     (ckpt_copy / "tokenizer.json").unlink()
     edit_json(ckpt_copy / "tokenizer_config.json", tokenizer_class="GPT2Tokenizer")
     assert validate_checkpoint(ckpt_copy).eos_token == "</s>"
+
+
+def test_head_size_that_cannot_be_padded_exactly(ckpt_copy):
+    # Head size 8 is padded to 16 for GroupQueryAttention, which is exact only for
+    # RoPE whose frequencies do not depend on the head size.
+    edit_json(ckpt_copy / "config.json", head_dim=8, num_attention_heads=8,
+              rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0})
+    refused(ckpt_copy, "config", "head size 8", "multiple of 16", "yarn")
