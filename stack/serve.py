@@ -43,7 +43,12 @@ def ensure_model(repository: Path) -> Path:
     except ImportError as err:
         sys.exit(f"serve: the default-model exporter is not available ({err}); "
                  "stack/default_model.py must provide ensure_default_model")
-    return ensure_default_model(repository, name=MODEL_ID)
+    try:
+        return ensure_default_model(repository, name=MODEL_ID)
+    except (_Stop, KeyboardInterrupt):
+        raise
+    except Exception as err:  # say what failed, not a traceback
+        raise RuntimeError(f"could not prepare the default model: {type(err).__name__}: {err}") from err
 
 
 def _adapter_ready(url: str) -> bool:
