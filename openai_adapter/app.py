@@ -63,8 +63,12 @@ async def ready(raw: Request) -> JSONResponse:
     ok, details = raw.app.state.health.status()
     if deps.draining:
         ok, details = False, {**details, "draining": True}
-    return JSONResponse({"status": "ready" if ok else "not ready", **details}, status_code=200 if ok else 503,
-                        headers={} if ok else {"Retry-After": str(deps.settings.retry_after_s)})
+    if ok:
+        return JSONResponse({"status": "ready", **details})
+    # Not ready is an error like any other: the OpenAI error body, plus the details.
+    err = errors.unavailable("not ready: " + ("draining" if deps.draining else "see models and circuits"),
+                             deps.settings.retry_after_s, code="not_ready")
+    return JSONResponse({**err.body(), "status": "not ready", **details}, status_code=503, headers=err.headers())
 
 
 @ops.get("/metrics")
