@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from .errors import ClientGone, OpenAIError
 from .metrics import Metrics
 from .settings import Settings
-from .triton_client import GenerationRequest, TritonPool
+from .triton_client import GenerationRequest, TritonPool, UpstreamDown
 
 log = logging.getLogger("openai_adapter.health")
 
@@ -106,6 +106,9 @@ class Prober:
         except OpenAIError as err:
             ok = err.status == 429  # busy is alive
             self.last_error[model] = err.message
+        except UpstreamDown as err:
+            ep.breaker.trip()  # HTTP answers but gRPC does not: keep requests away
+            self.last_error[model] = f"gRPC endpoint down: {err}"[:200]
         except (ClientGone, TimeoutError, Exception) as err:
             self.last_error[model] = f"{type(err).__name__}: {err}"[:200]
         if ok:
