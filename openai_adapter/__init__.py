@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP API over Triton decoupled gRPC streams (see README.md)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from dataclasses import fields
@@ -23,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         env = Settings.ENV[f.name]
         kind = type(f.default)
         if f.name in ("triton_grpc_urls", "triton_http_urls", "api_keys"):
-            p.add_argument(flag, dest=f.name, default=None, help=f"comma-separated (env {env})")
+            extra = "; prefer the variable: flags show in ps" if f.name == "api_keys" else ""
+            p.add_argument(flag, dest=f.name, default=None, help=f"comma-separated (env {env}{extra})")
         elif kind is bool:
             p.add_argument(flag, dest=f.name, default=None, choices=["true", "false"], help=f"env {env}")
         else:
@@ -31,7 +33,6 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     args = vars(p.parse_args(argv))
     env_like = {Settings.ENV[k]: str(v) for k, v in args.items() if v is not None}
     # Flags win over the environment: parse them with the same rules as variables.
-    import os
     return Settings.from_env({**os.environ, **env_like})
 
 
