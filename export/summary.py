@@ -24,8 +24,10 @@ def _verification_lines(v: dict) -> list[str]:
                      f"(limit {logits['max_kl']:g}), top-1 agree {logits['top1_agree']}/{logits['prompts']}")
     greedy = v.get("greedy") or {}
     if greedy:
+        ties = sum(greedy.get("near_tie_at_divergence") or [])
         lines.append(f"    greedy      agreement {greedy.get('agreed')} per prompt of "
-                     f"{greedy.get('tokens')} tokens (required {greedy.get('required')})")
+                     f"{greedy.get('tokens')} tokens (required {greedy.get('required')})"
+                     + (f", {ties} divergence(s) at a near tie" if ties else ""))
     return lines
 
 

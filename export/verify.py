@@ -5,7 +5,9 @@ The reference is the checkpoint loaded with transformers (fp32, CPU). Two checks
 - logits parity: last-position logits of a few prompts, max abs difference
   against a tolerance relative to the logit scale (the largest |logit| seen);
 - greedy agreement: both models decode greedily (EOS ignored) from each prompt;
-  we count how many leading tokens agree.
+  we count how many leading tokens agree. Where they part, the source saw the
+  same prefix: if it scores the ONNX model's choice within the tolerance of its
+  own (a near tie), the divergence is not held against the export.
 
 Criteria per precision (see CRITERIA): fp32 must match greedily token for token
 and its logits within 1e-3 of the logit scale. Quantized weights change the
@@ -46,7 +48,7 @@ class Criterion:
         parts.append("top-1 agrees (or is a near tie) on every prompt")
         parts.append("all greedy tokens agree" if self.min_greedy is None
                      else f"first {self.min_greedy} greedy tokens agree")
-        return ", ".join(parts)
+        return ", ".join(parts) + " (a greedy divergence at a near tie of the source is no error)"
 
 
 # Measured on SmolLM2-135M (the default model): fp32 max abs diff ~5e-5 at logit
@@ -144,21 +146,31 @@ class TorchDecoder:
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
 
-    def greedy(self, prompt: list[int], n: int) -> tuple[np.ndarray, list[int]]:
+    def greedy(self, prompt: list[int], n: int) -> tuple[list[np.ndarray], list[int]]:
+        """Logits before each greedy step, and the tokens chosen."""
         torch = self.torch
+        steps, tokens = [], []
         with torch.inference_mode():
-            ids = torch.tensor([prompt])
-            out = self.model(input_ids=ids, use_cache=True)
-            first, tokens, past = out.logits[0, -1].float().numpy().copy(), [], out.cache
-            logits = first
-            for _ in range(n):
-                tok = int(np.argmax(logits))
-                tokens.append(tok)
+            out = self.model(input_ids=torch.tensor([prompt]), use_cache=True)
+            while True:
+                steps.append(out.logits[0, -1].float().numpy().copy())
+                tokens.append(int(np.argmax(steps[-1])))
                 if len(tokens) == n:
-                    break
-                out = self.model(input_ids=torch.tensor([[tok]]), cache=past, use_cache=True)
-                logits, past = out.logits[0, -1].float().numpy(), out.cache
-        return first, tokens
+                    return steps, tokens
+                out = self.model(input_ids=torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
+
+
+def greedy_agreement(ref_steps: list[np.ndarray], ref_tokens: list[int], tokens: list[int],
+                     tie: float) -> tuple[int, bool]:
+    """(leading tokens that agree, whether the first difference is a near tie in the source).
+
+    At the first difference both models saw the same prefix; if the source scores
+    the other model's choice within `tie` of its own, the two are equally right.
+    """
+    for i, (a, b) in enumerate(zip(ref_tokens, tokens)):
+        if a != b:
+            return i, bool(ref_steps[i][b] >= ref_steps[i][a] - tie)
+    return len(ref_tokens), False
 
 
 def _hf_prompts(ckpt, messages) -> list[list[int]]:
@@ -222,19 +234,20 @@ def verify_export(ckpt, version_dir: Path, opts) -> dict:
     onnx = OnnxDecoder(version_dir)
     prompts, n = fit_context(prompt_ids(ckpt, version_dir), n, ckpt.context_length)
     _progress(opts, f"verifying: {len(prompts)} prompts, {n} greedy tokens each")
-    diffs, scales, kls, top1, agreed = [], [], [], 0, []
-    for p in prompts:
-        ref_logits, ref_tokens = ref.greedy(p, n)
-        onnx_logits, onnx_tokens = onnx.greedy(p, n)
-        diffs.append(float(np.max(np.abs(ref_logits - onnx_logits))))
-        scales.append(float(np.max(np.abs(ref_logits))))
-        kls.append(kl_divergence(ref_logits, onnx_logits))
-        choice = int(np.argmax(onnx_logits))
-        top1 += int(ref_logits[choice] >= ref_logits.max() - NEAR_TIE)
-        agreed.append(next((i for i, (a, b) in enumerate(zip(ref_tokens, onnx_tokens)) if a != b), n))
+    runs = [(ref.greedy(p, n), onnx.greedy(p, n)) for p in prompts]
     del ref
-    scale = max(max(scales), 1.0)
+    scale = max(max(float(np.max(np.abs(r[0][0]))) for r, _ in runs), 1.0)
     tol = crit.rel_tol * scale if crit.rel_tol is not None else None
+    tie = tol if tol is not None else NEAR_TIE
+    diffs, kls, top1, agreed, ties = [], [], 0, [], []
+    for (ref_steps, ref_tokens), (onnx_logits, onnx_tokens) in runs:
+        ref_logits = ref_steps[0]
+        diffs.append(float(np.max(np.abs(ref_logits - onnx_logits))))
+        kls.append(kl_divergence(ref_logits, onnx_logits))
+        top1 += int(ref_logits[int(np.argmax(onnx_logits))] >= ref_logits.max() - NEAR_TIE)
+        count, is_tie = greedy_agreement(ref_steps, ref_tokens, onnx_tokens, tie)
+        agreed.append(count)
+        ties.append(is_tie)
     required = n if crit.min_greedy is None else min(crit.min_greedy, n)
     failures = []
     if tol is not None and max(diffs) > tol:
@@ -243,7 +256,7 @@ def verify_export(ckpt, version_dir: Path, opts) -> dict:
         failures.append(f"KL divergence {max(kls):.4g} nats exceeds {crit.max_kl:g}")
     if top1 < len(prompts):
         failures.append(f"top-1 token differs on {len(prompts) - top1} of {len(prompts)} prompts")
-    if min(agreed) < required:
+    if any(a < required and not t for a, t in zip(agreed, ties)):
         failures.append(f"greedy agreement {agreed} below the required {required} tokens")
     result = {
         "status": "failed" if failures else "passed",
@@ -251,7 +264,8 @@ def verify_export(ckpt, version_dir: Path, opts) -> dict:
         "logits": {"prompts": len(prompts), "max_abs_diff": max(diffs), "per_prompt": diffs,
                    "logit_scale": scale, "tolerance": tol, "kl_max": max(kls), "kl_per_prompt": kls,
                    "max_kl": crit.max_kl, "top1_agree": top1},
-        "greedy": {"tokens": n, "agreed": agreed, "required": required},
+        "greedy": {"tokens": n, "agreed": agreed, "required": required,
+                   "near_tie_at_divergence": ties, "tie_margin": tie},
         "seconds": round(time.monotonic() - start, 1),
     }
     if failures:
