@@ -89,6 +89,9 @@ class Settings:
             except ValueError:
                 raise ValueError(f"{var}={raw!r} is not a valid {type(default).__name__}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if "triton_grpc_urls" in values and "triton_http_urls" not in values:
+            # Triton's convention: HTTP on the port below gRPC (8000 / 8001).
+            values["triton_http_urls"] = [_http_beside(u) for u in values["triton_grpc_urls"]]
         return cls(**values)
 
     def redacted(self) -> dict[str, Any]:
@@ -100,6 +103,13 @@ class Settings:
                 value = f"<{len(value)} redacted>" if value else "<none>"
             out[f.name] = value
         return out
+
+
+def _http_beside(grpc_url: str) -> str:
+    host, _, port = grpc_url.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"TRITON_GRPC_URLS entry {grpc_url!r} is not host:port; set TRITON_HTTP_URLS too")
+    return f"http://{host}:{int(port) - 1}"
 
 
 def _parse(raw: str, default: Any) -> Any:

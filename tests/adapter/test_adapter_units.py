@@ -127,8 +127,9 @@ def test_settings_from_env_and_redaction():
     assert s.port == 9100 and s.triton_grpc_urls == ["a:1", "b:2"] and s.health_probe_generation is False
     red = s.redacted()
     assert "secret1" not in repr(red) and red["api_keys"] == "<2 redacted>"
+    assert Settings.from_env({"TRITON_GRPC_URLS": "a:8001,b:9001"}).triton_http_urls == ["http://a:8000", "http://b:9000"]
     with pytest.raises(ValueError, match="TRITON_HTTP_URLS"):
-        Settings.from_env({"TRITON_GRPC_URLS": "a:1,b:2"})
+        Settings.from_env({"TRITON_GRPC_URLS": "a:1,b:2", "TRITON_HTTP_URLS": "http://a:0"})
     with pytest.raises(ValueError, match="ADAPTER_PORT"):
         Settings.from_env({"ADAPTER_PORT": "ninety"})
 
