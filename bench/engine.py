@@ -58,7 +58,7 @@ def pct(values: list[float], q: float) -> float | None:
     return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
 
 
-async def run_level(url: str, prompts: list[list[int]], concurrency: int, requests: int,
+async def run_level(url: str, model: str, prompts: list[list[int]], concurrency: int, requests: int,
                     output_len: int, stagger: float) -> dict:
     import tritonclient.grpc.aio as grpcclient
 
@@ -72,7 +72,7 @@ async def run_level(url: str, prompts: list[list[int]], concurrency: int, reques
         await asyncio.sleep(w * stagger)               # arrivals staggered
         while queue:
             i = queue.pop(0)
-            r = await generate(client, MODEL, input_ids=prompts[i % len(prompts)], max_tokens=output_len,
+            r = await generate(client, model, input_ids=prompts[i % len(prompts)], max_tokens=output_len,
                                ignore_eos=True, temperature=0.0)
             if r.error:
                 raise RuntimeError(r.error)
@@ -91,7 +91,7 @@ async def run_level(url: str, prompts: list[list[int]], concurrency: int, reques
             "itl_p50_ms": round(pct(itl, 50) * 1000, 1), "itl_p99_ms": round(pct(itl, 99) * 1000, 1)}
 
 
-async def prefix_probe(url: str, tok) -> dict:
+async def prefix_probe(url: str, model: str, tok) -> dict:
     """TTFT of a new ~100-token prompt at one stream, then of the same prompt again."""
     import tritonclient.grpc.aio as grpcclient
 
@@ -110,7 +110,7 @@ async def prefix_probe(url: str, tok) -> dict:
             text = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nOrder {k if label == 'new_prompt' else 0} question"
             prefix = f"Case {time.monotonic_ns()}: " if label == "new_prompt" else ""
             ids = tok.encode(prefix + text, add_special_tokens=False).ids
-            r = await generate(client, MODEL, input_ids=ids, max_tokens=2, temperature=0.0)
+            r = await generate(client, model, input_ids=ids, max_tokens=2, temperature=0.0)
             if r.error:
                 raise RuntimeError(r.error)
             ttfts.append(r.ttft)
@@ -119,56 +119,98 @@ async def prefix_probe(url: str, tok) -> dict:
     return out
 
 
-def baseline(prompts: list[list[int]], levels: list[int], output_len: int, threads: int) -> dict:
-    """transformers generate, fp32, greedy, the same prompts left-padded into one batch."""
-    import torch
-    from transformers import AutoModelForCausalLM
+class Baseline:
+    """transformers generate, fp32, greedy, the same prompts batched (equal lengths: no padding)."""
 
-    from export.default_model import fetch_default_model
+    def __init__(self, threads: int):
+        self.threads = sorted({threads, 1}, reverse=True)
+        import torch
+        from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(fetch_default_model(), dtype=torch.float32).eval()
-    out = {}
-    with torch.inference_mode():
-        warm = torch.tensor([prompts[0]])
-        model.generate(warm, attention_mask=torch.ones_like(warm), max_new_tokens=4, do_sample=False)
-        for c in levels:
-            ids = torch.tensor(prompts[:c])              # equal lengths: no padding needed
-            t0 = time.perf_counter()
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-                           min_new_tokens=output_len, do_sample=False, pad_token_id=2)
-            dt = time.perf_counter() - t0
-            out[c] = {"seconds": round(dt, 3), "tok_s": round(c * output_len / dt, 1)}
-    return out
+        from export.default_model import fetch_default_model
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(fetch_default_model(), dtype=torch.float32).eval()
+
+    def warm_up(self, prompts) -> None:
+        self.run(prompts[:4], 8)
+
+    def run(self, prompts: list[list[int]], output_len: int) -> dict:
+        """The best of the configured and of one torch thread: with other work on the
+        machine, torch's OpenMP spin barriers at 2 threads were up to 10x slower."""
+        torch = self.torch
+        ids = torch.tensor(prompts)
+        best = None
+        for threads in self.threads:
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
+                                    min_new_tokens=output_len, do_sample=False, pad_token_id=2)
+                dt = time.perf_counter() - t0
+            if best is None or dt < best[0]:
+                best = (dt, threads)
+        dt, threads = best
+        return {"seconds": round(dt, 3), "tok_s": round(len(prompts) * output_len / dt, 1), "torch_threads": threads}
 
 
-def serve_and_measure(precision: str, prompts, levels, args, tok) -> dict:
+def build_repository(repo: Path, precisions: list[str], levels: list[int], threads: int) -> dict[str, str]:
+    """One repository serving each precision under its own model name."""
+    from llm_backend.model_config import EngineParams, render_config_pbtxt
     from stack.default_model import ensure_default_model
+
+    names = {}
+    settings = dict(max_num_seqs=max(levels), max_model_len=512, max_queue_size=256, intra_op_threads=threads)
+    for i, prec in enumerate(precisions):
+        name = MODEL if i == 0 else f"{MODEL}-{prec}"
+        if i == 0:
+            ensure_default_model(repo, precision=prec, **settings)
+        else:
+            src = ensure_default_model(repo.parent / f"src-{prec}", precision=prec) / "1"
+            (repo / name / "1").mkdir(parents=True)
+            for f in src.iterdir():
+                os.link(f, repo / name / "1" / f.name) if not f.is_symlink() else (repo / name / "1" / f.name).symlink_to(f.resolve())
+            (repo / name / "config.pbtxt").write_text(render_config_pbtxt(name, EngineParams(precision=prec, **settings)))
+        names[prec] = name
+    return names
+
+
+def measure_all(args, prompts, levels, tok) -> dict:
+    """Both engines in one server; per concurrency level each engine, then the baseline,
+    back to back, so the ratios compare the same minute of this shared machine."""
     from stack.ports import free_port
     from stack.triton import TritonServer
 
-    with tempfile.TemporaryDirectory(prefix="bench-repo-") as tmp:
-        repo = Path(tmp)
-        ensure_default_model(repo, precision=precision, max_num_seqs=max(levels), max_model_len=512,
-                             max_queue_size=256, intra_op_threads=args.threads)
+    report = {"engines": {p: {"levels": []} for p in args.precision}, "baseline": {}}
+    base = None if args.no_baseline else Baseline(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        repo = Path(tmp) / "repo"
+        names = build_repository(repo, args.precision, levels, args.threads)
         RESULTS.mkdir(parents=True, exist_ok=True)
-        log = RESULTS / f"tritonserver-{precision}.log"
+        log = RESULTS / "tritonserver.log"
         log.write_text("")
         with TritonServer(repo, free_port(), free_port(), free_port(), log_path=log) as srv:
-            async def measure():
-                # warm-up: first calls allocate and page in the weights
-                await run_level(srv.grpc_url, prompts, 2, 2, 8, 0.0)
-                rows = []
-                for c in levels:
-                    n = c if c >= 16 else max(4, 2 * c)
-                    row = await run_level(srv.grpc_url, prompts, c, n, args.output_len, args.stagger)
-                    rows.append(row)
-                    print(f"  {precision} c={c}: {row['tok_s']} tok/s, TTFT p50 {row['ttft_p50_ms']} ms, "
+            async def engine_level(prec, c, n, out_len, stagger):
+                return await run_level(srv.grpc_url, names[prec], prompts, c, n, out_len, stagger)
+
+            for prec in args.precision:                  # warm-up: page in weights, allocate
+                asyncio.run(engine_level(prec, 2, 2, 8, 0.0))
+            if base:
+                base.warm_up(prompts)
+            for c in levels:
+                n = c if c >= 16 else max(4, 2 * c)
+                for prec in args.precision:
+                    row = asyncio.run(engine_level(prec, c, n, args.output_len, args.stagger))
+                    report["engines"][prec]["levels"].append(row)
+                    print(f"  llm backend {prec} c={c}: {row['tok_s']} tok/s, TTFT p50 {row['ttft_p50_ms']} ms, "
                           f"ITL p50 {row['itl_p50_ms']} ms", flush=True)
-                probe = await prefix_probe(srv.grpc_url, tok)
-                return rows, probe
-            rows, probe = asyncio.run(measure())
-    return {"levels": rows, "prefix": probe}
+                if base and c <= 16:
+                    report["baseline"][str(c)] = b = base.run(prompts[:c], args.output_len)
+                    print(f"  transformers batch {c}: {b['tok_s']} tok/s", flush=True)
+            for prec in args.precision:
+                report["engines"][prec]["prefix"] = asyncio.run(prefix_probe(srv.grpc_url, names[prec], tok))
+    return report
 
 
 def render(report: dict) -> str:
@@ -214,15 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         tok = load_tokenizer(ensure_default_model(Path(tmp), precision=args.precision[0]) / "1")
     prompts = make_prompts(tok, max(levels) * 2, args.prompt_len)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": {"cpus": os.cpu_count(),
-              "platform": platform.platform(), "python": sys.version.split()[0]},
-              "settings": vars(args), "engines": {}, "baseline": {}}
-    for prec in args.precision:
-        print(f"llm backend, {prec} ...", flush=True)
-        report["engines"][prec] = serve_and_measure(prec, prompts, levels, args, tok)
-    if not args.no_baseline:
-        print("transformers generate (fp32) ...", flush=True)
-        report["baseline"] = {str(k): v for k, v in
-                              baseline(prompts, [c for c in levels if c <= 16], args.output_len, args.threads).items()}
+              "platform": platform.platform(), "python": sys.version.split()[0],
+              "load_average_before": os.getloadavg()}, "settings": vars(args)}
+    report.update(measure_all(args, prompts, levels, tok))
+    report["machine"]["load_average_after"] = os.getloadavg()
     table = render(report)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
