@@ -6,7 +6,6 @@ and then leaves no version directory behind.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field

@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path

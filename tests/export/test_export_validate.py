@@ -4,7 +4,6 @@ names the piece and the file. In-process and fast (no export)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
