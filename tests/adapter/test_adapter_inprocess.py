@@ -264,7 +264,7 @@ async def test_admission_limit_429_with_retry_after_at_once():
         r = await http.post(COMP, json=slow)
         assert r.status_code == 429 and r.headers["retry-after"] == "2"
         assert r.json()["error"]["type"] == "rate_limit_error"
-        assert loop.time() - t < 0.2
+        assert loop.time() - t < 0.5  # refused at once, not after the running ones
         assert (await first).status_code == 200 and (await second).status_code == 200  # the waiter ran
 
 
