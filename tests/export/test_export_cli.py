@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -99,15 +100,22 @@ def test_gpu_target_is_marked_unverified(tiny_checkpoint, tmp_path):
     assert "verification  SKIPPED" in proc.stdout
 
 
-def test_failed_verification_publishes_nothing(tiny_checkpoint, tmp_path):
+def test_failed_verification_publishes_nothing(exported, tiny_checkpoint, tmp_path, monkeypatch):
     # A previous good version and its config must survive a failed export untouched.
+    good, _ = exported
     repo = tmp_path / "repo"
-    run_export(tiny_checkpoint, ExportOptions(name="m", repository=repo, skip_verify=True, quiet=True))
+    shutil.copytree(good / "1", repo / "m" / "1")
+    shutil.copy(good / "config.pbtxt", repo / "m" / "config.pbtxt")
     before = (repo / "m" / "config.pbtxt").read_text()
+
+    def reuse_build(checkpoint, out_dir, *args, **kwargs):  # the builder is not under test here
+        shutil.copytree(good / "1", out_dir)
+        return 0.0
 
     def failing(ckpt, version_dir, opts):
         return {"status": "failed", "reason": "forced by the test"}
 
+    monkeypatch.setattr("export.pipeline.run_builder", reuse_build)
     with pytest.raises(VerificationFailed):
         run_export(tiny_checkpoint, ExportOptions(name="m", repository=repo, quiet=True,
                                                   max_model_len=64), verifier=failing)
