@@ -64,15 +64,18 @@ def build_backend_dir(dest: Path | None = None, extra: dict[str, Path] | None = 
     for src in (py_src / "libtriton_python.so", py_src / "triton_python_backend_utils.py", stub):
         target = py_dst / src.name
         if not target.exists() or target.stat().st_size != src.stat().st_size:
-            shutil.copy2(src, target)
+            tmp = py_dst / f".{src.name}.{os.getpid()}"
+            shutil.copy2(src, tmp)
+            os.replace(tmp, target)
     backends = {BACKEND_NAME: REPO_ROOT / "llm_backend" / "model.py", **(extra or {})}
     for name, model_py in backends.items():
         d = dest / name
         d.mkdir(parents=True, exist_ok=True)
-        link = d / "model.py"
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(model_py.resolve())
+        # Link under a unique name, then rename over: servers starting at the same
+        # time (tests, replicas) never see a missing model.py.
+        tmp = d / f".model.py.{os.getpid()}.{time.monotonic_ns()}"
+        tmp.symlink_to(model_py.resolve())
+        os.replace(tmp, d / "model.py")
     return dest
 
 

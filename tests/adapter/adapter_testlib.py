@@ -145,12 +145,7 @@ def start_triton(repo: Path, log_path: Path, extra_backends: dict[str, Path] | N
     from stack.triton import TritonServer
     srv = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                        log_path=log_path, extra_backends=extra_backends or {})
-    for attempt in range(3):  # build/backends is shared with parallel runs: retry a racing symlink
-        try:
-            srv.start()
-            break
-        except FileExistsError:
-            time.sleep(0.2 * (attempt + 1))
+    srv.start()
     try:
         srv.wait_ready(timeout=120)
     except BaseException:
