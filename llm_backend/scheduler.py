@@ -97,6 +97,7 @@ class Sequence:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str = ""
     tail: str = ""                       # text released by the finishing token
+    cancelled: bool = False              # set by the Responder's poll
 
 
 class Scheduler:
@@ -121,6 +122,13 @@ class Scheduler:
         self._lock = threading.Lock()
         self._pending = 0                        # submitted, not yet in a slot
         self._last_state = None
+        # Sending and cancellation checks: inline by default (tests); EngineThread hands
+        # them to a Responder thread so the IPC to Triton overlaps the next model call.
+        self.emit = self._safe
+        self.responder: Responder | None = None
+        # where the engine's time goes (logged when it turns idle): seconds, counts
+        self.stats = {"steps": 0, "step_s": 0.0, "prefill_s": 0.0, "prefill_tokens": 0,
+                      "decode_s": 0.0, "decode_tokens": 0}
 
     # -- admission (any thread) -------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, sink: Sink) -> None:
@@ -170,6 +178,19 @@ class Scheduler:
                 pass
 
     def step(self) -> None:
+        t0 = time.perf_counter()
+        self._step()
+        self.stats["steps"] += 1
+        self.stats["step_s"] += time.perf_counter() - t0
+        if self.idle and self.stats["steps"]:
+            st = self.stats
+            log.info("engine busy period: %d steps %.2fs (prefill %d tokens %.2fs, decode %d tokens %.2fs, "
+                     "other %.2fs)", st["steps"], st["step_s"], st["prefill_tokens"], st["prefill_s"],
+                     st["decode_tokens"], st["decode_s"], st["step_s"] - st["prefill_s"] - st["decode_s"])
+            for k in st:
+                st[k] = 0 if isinstance(st[k], int) else 0.0
+
+    def _step(self) -> None:
         while True:
             try:
                 self.waiting.append(self.inbox.get_nowait())
@@ -179,12 +200,15 @@ class Scheduler:
         self._prefill()
         self._decode()
         self._report_state()
+        if self.responder is not None:
+            active = list(self.waiting) + self.rows + ([self.prefilling] if self.prefilling else [])
+            self.responder.request_poll(active)
 
     def abort_all(self, kind: str, message: str) -> None:
         """Fail everything in flight (unload)."""
         self.step_inbox_drain()
         for seq in list(self.waiting) + self.rows + ([self.prefilling] if self.prefilling else []):
-            self._safe(seq.sink.fail, kind, message)
+            self.emit(seq.sink.fail, kind, message)
         with self._lock:
             self._pending -= len(self.waiting)
         self.waiting.clear()
@@ -214,13 +238,11 @@ class Scheduler:
         self._remove_rows(gone)
 
     def _cancelled(self, seq: Sequence) -> bool:
-        try:
-            cancelled = seq.sink.is_cancelled()
-        except Exception:  # a sender that cannot answer is as good as gone
-            cancelled = True
-        if cancelled:
-            self._safe(seq.sink.fail, CANCELLED, "the request was cancelled by the client")
-        return cancelled
+        if self.responder is None:
+            seq.cancelled = seq.cancelled or _ask_cancelled(seq)
+        if seq.cancelled:
+            self.emit(seq.sink.fail, CANCELLED, "the request was cancelled by the client")
+        return seq.cancelled
 
     def _prefill(self) -> None:
         budget = self.prefill_chunk
@@ -239,11 +261,14 @@ class Scheduler:
             seq, row = self.prefilling, len(self.rows)
             chunk = seq.prompt[seq.computed:seq.computed + budget]
             try:
+                t0 = time.perf_counter()
                 logits = self.dec.prefill(row, chunk, seq.computed)
+                self.stats["prefill_s"] += time.perf_counter() - t0
+                self.stats["prefill_tokens"] += len(chunk)
             except Exception as err:
                 log.exception("prefill failed")
                 self.prefilling = None
-                self._safe(seq.sink.fail, INTERNAL, f"prefill failed: {err}")
+                self.emit(seq.sink.fail, INTERNAL, f"prefill failed: {err}")
                 continue
             seq.computed += len(chunk)
             budget -= len(chunk)
@@ -252,7 +277,7 @@ class Scheduler:
             self.prefilling = None
             self._cache_prompt(seq, row)
             now = time.monotonic()
-            self.metrics.first_token(now - seq.arrival, len(seq.prompt))
+            self.emit(self.metrics.first_token, now - seq.arrival, len(seq.prompt))
             seq.last_time = now
             if self._accept(seq, logits):
                 self._finish_after_step(seq)
@@ -270,11 +295,14 @@ class Scheduler:
         tokens = np.array([s.next_token for s in self.rows], dtype=np.int64)
         lengths = np.array([s.computed for s in self.rows], dtype=np.int64)
         try:
+            t0 = time.perf_counter()
             logits = self.dec.decode(tokens, lengths)
+            self.stats["decode_s"] += time.perf_counter() - t0
+            self.stats["decode_tokens"] += len(tokens)
         except Exception as err:
             log.exception("decode failed")
             for seq in self.rows:
-                self._safe(seq.sink.fail, INTERNAL, f"decode failed: {err}")
+                self.emit(seq.sink.fail, INTERNAL, f"decode failed: {err}")
             self.rows.clear()
             if self.prefilling is not None:   # its partial KV is at row 0 now in spirit: restart it
                 self.prefilling.computed = 0
@@ -287,7 +315,7 @@ class Scheduler:
             seq.last_time = now
             if self._accept(seq, logits[i]):
                 done.append(i)
-        self.metrics.tokens(len(self.rows), gaps)
+        self.emit(self.metrics.tokens, len(self.rows), gaps)
         for i in done:
             self._finish_after_step(self.rows[i])
         self._remove_rows(done)
@@ -312,7 +340,7 @@ class Scheduler:
             return True
         if text:
             lps, seq.logprobs = seq.logprobs, []
-            self._safe(seq.sink.piece, text, lps)
+            self.emit(seq.sink.piece, text, lps)
         return False
 
     def _finish_after_step(self, seq: Sequence) -> None:
@@ -320,7 +348,7 @@ class Scheduler:
         if not seq.stops.stopped:
             tail += seq.stops.push(seq.detok.flush())
             tail += seq.stops.flush()
-        self._safe(seq.sink.finish, tail, seq.logprobs, seq.finish_reason,
+        self.emit(seq.sink.finish, tail, seq.logprobs, seq.finish_reason,
                    len(seq.prompt), len(seq.output))
 
     def _remove_rows(self, indices: list[int]) -> None:
@@ -341,7 +369,7 @@ class Scheduler:
                  round(used / (self.dec.num_slots * self.dec.max_len), 4))
         if state != self._last_state:
             self._last_state = state
-            self.metrics.state(*state)
+            self.emit(self.metrics.state, *state)
 
     @staticmethod
     def _safe(fn, *args) -> None:
@@ -351,12 +379,63 @@ class Scheduler:
             log.exception("sending a response failed")
 
 
+def _ask_cancelled(seq: Sequence) -> bool:
+    try:
+        return bool(seq.sink.is_cancelled())
+    except Exception:  # a sender that cannot answer is as good as gone
+        return True
+
+
+class Responder:
+    """One thread that sends responses, updates metrics and polls cancellation, in
+    order, off the engine thread (each of these is an IPC round trip to Triton)."""
+
+    def __init__(self):
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self._poll_queued = False
+        self._thread = threading.Thread(target=self._run, name="llm-responder", daemon=True)
+        self._thread.start()
+
+    def emit(self, fn, *args) -> None:
+        self.q.put((fn, args))
+
+    def request_poll(self, seqs: list[Sequence]) -> None:
+        """Ask each sequence's sender whether it was cancelled (once per engine step at
+        most; skipped while a poll is still queued)."""
+        if not self._poll_queued:
+            self._poll_queued = True
+            self.q.put((self._poll, (seqs,)))
+
+    def _poll(self, seqs: list[Sequence]) -> None:
+        self._poll_queued = False
+        for seq in seqs:
+            if not seq.cancelled and _ask_cancelled(seq):
+                seq.cancelled = True
+
+    def _run(self) -> None:
+        while True:
+            fn, args = self.q.get()
+            if fn is None:
+                return
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("responder: %s failed", getattr(fn, "__name__", fn))
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.q.put((None, ()))
+        self._thread.join(timeout)
+
+
 class EngineThread:
     """Runs the scheduler's steps on a daemon thread (the vllm_backend structure: Triton's
     execute() only submits; responses are sent from here)."""
 
     def __init__(self, scheduler: Scheduler, idle_wait: float = 0.05):
         self.sched = scheduler
+        self.responder = Responder()
+        scheduler.responder = self.responder
+        scheduler.emit = self.responder.emit
         self.idle_wait = idle_wait
         self.closed = False
         self._stop = threading.Event()
@@ -387,3 +466,4 @@ class EngineThread:
         self._stop.set()
         self._thread.join(timeout=10)
         self.sched.abort_all(INTERNAL, "the model was unloaded before the request finished")
+        self.responder.close()
