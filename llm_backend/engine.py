@@ -23,6 +23,14 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def cpu_count() -> int:
+    """Cores this process may run on (the affinity mask, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 class ModelLoadError(RuntimeError):
     """The model directory's artifacts are missing, unreadable or inconsistent."""
 
@@ -105,9 +113,9 @@ class DecoderSpec:
         except (ValueError, KeyError, TypeError) as err:
             raise ModelLoadError(f"cannot read {path}: {err!r}") from err
 
-    def row_bytes(self, max_len: int) -> int:
-        """KV bytes of one slot (all layers, keys and values, fp32)."""
-        return self.num_layers * 2 * self.kv_heads * max_len * self.head_size * 4
+    def row_bytes(self, max_len: int, itemsize: int = 4) -> int:
+        """KV bytes of one slot (all layers, keys and values)."""
+        return self.num_layers * 2 * self.kv_heads * max_len * self.head_size * itemsize
 
 
 class Decoder:
@@ -124,7 +132,7 @@ class Decoder:
         if not onnx_path.is_file():
             raise ModelLoadError(f"missing ONNX model {onnx_path}")
         self.device = device
-        threads = intra_op_threads or os.cpu_count() or 1
+        threads = intra_op_threads or cpu_count()
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads   # explicit: the default was 1.5-1.8x slower here
         so.inter_op_num_threads = 1
@@ -162,7 +170,10 @@ class Decoder:
         self.max_len = max_len
         sp = self.spec
         self.row_shape = (sp.kv_heads, max_len, sp.head_size)
-        self.row_bytes = sp.row_bytes(max_len)
+        # KV element type: what the graph's past inputs take (fp16 for GPU exports)
+        past_type = next(i.type for i in self.session.get_inputs() if i.name == sp.key_names % 0)
+        self.kv_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
+        self.row_bytes = sp.row_bytes(max_len, np.dtype(self.kv_dtype).itemsize)
         if device == "cuda":
             num_slots = self._gpu_slots(num_slots, kv_cache_gpu_fraction)
         self.num_slots = num_slots
@@ -188,11 +199,12 @@ class Decoder:
         shape = (n, *self.row_shape)
         if self.device == "cuda":
             import torch
-            self.kv = [[torch.zeros(shape, dtype=torch.float32, device="cuda") for _ in range(2)]
+            tdtype = torch.float16 if self.kv_dtype == np.float16 else torch.float32
+            self.kv = [[torch.zeros(shape, dtype=tdtype, device="cuda") for _ in range(2)]
                        for _ in range(sp.num_layers)]
         else:
             # np.zeros maps untouched pages lazily: memory is used as sequences grow.
-            self.kv = [[np.zeros(shape, dtype=np.float32) for _ in range(2)]
+            self.kv = [[np.zeros(shape, dtype=self.kv_dtype) for _ in range(2)]
                        for _ in range(sp.num_layers)]
 
     def _ptr(self, buf, row: int) -> int:
@@ -207,8 +219,8 @@ class Decoder:
             for kind, (past, present) in enumerate(((sp.key_names, sp.present_key_names),
                                                     (sp.value_names, sp.present_value_names))):
                 ptr = self._ptr(self.kv[layer][kind], first)
-                binding.bind_input(past % layer, self.device, 0, np.float32, shape, ptr)
-                binding.bind_output(present % layer, self.device, 0, np.float32, shape, ptr)
+                binding.bind_input(past % layer, self.device, 0, self.kv_dtype, shape, ptr)
+                binding.bind_output(present % layer, self.device, 0, self.kv_dtype, shape, ptr)
 
     def _run(self, input_ids: np.ndarray, mask: np.ndarray, first: int, count: int,
              session=None) -> np.ndarray:
@@ -219,7 +231,7 @@ class Decoder:
         binding.bind_output("logits", "cpu")      # first: outputs return in binding order
         self._bind_kv(binding, first, count)
         session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy().copy()
+        return np.array(binding.get_outputs()[0].numpy(), dtype=np.float32)   # a copy, fp32
 
     def prefill(self, row: int, tokens: list[int] | np.ndarray, past_len: int) -> np.ndarray:
         """Run `tokens` on row `row`, whose first `past_len` positions are already filled.
@@ -251,11 +263,19 @@ class Decoder:
         for layer in self.kv:
             for buf in layer:
                 buf[dst, :, :length] = buf[src, :, :length]
+        self._sync()
+
+    def _sync(self) -> None:
+        """CUDA: torch copies run on torch's stream, onnxruntime's on its own: finish
+        ours before the next session run reads the buffers."""
+        if self.device == "cuda":
+            import torch
+            torch.cuda.synchronize()
 
     def read_rows(self, row: int, start: int, stop: int) -> np.ndarray:
         """KV of positions [start, stop) of a row: [layers, 2, kv_heads, stop-start, head]."""
         out = np.empty((self.spec.num_layers, 2, self.spec.kv_heads, stop - start, self.spec.head_size),
-                       dtype=np.float32)
+                       dtype=self.kv_dtype)
         for li, layer in enumerate(self.kv):
             for k, buf in enumerate(layer):
                 part = buf[row, :, start:stop]
@@ -272,3 +292,4 @@ class Decoder:
                     buf[row, :, start:stop] = torch.from_numpy(block[li, k]).to(buf.device)
                 else:
                     buf[row, :, start:stop] = block[li, k]
+        self._sync()

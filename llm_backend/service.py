@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-from .engine import Decoder, ModelLoadError
+from .engine import Decoder, DecoderSpec, ModelLoadError, cpu_count
 from .model_config import EngineParams
 from .prefix_cache import PrefixCache
 from .scheduler import EngineThread, Scheduler
@@ -46,14 +45,13 @@ def load_engine(version_dir: Path, params: EngineParams, metrics=None) -> tuple[
         raise ModelLoadError(f"max_num_seqs ({params.max_num_seqs}) and max_model_len "
                              f"({params.max_model_len}) must be positive")
     tokenizer = load_tokenizer(version_dir)
-    from .engine import DecoderSpec
     spec = DecoderSpec.from_genai_config(version_dir / "genai_config.json")
     if spec.context_length and params.max_model_len > spec.context_length:
         raise ModelLoadError(f"max_model_len={params.max_model_len} exceeds the model's context "
                              f"length {spec.context_length}")
     slots = params.max_num_seqs if params.device == "cuda" else kv_slots(params, spec.row_bytes(params.max_model_len))
     decoder = Decoder(version_dir, params.onnx_model, num_slots=slots, max_len=params.max_model_len,
-                      device=params.device, intra_op_threads=params.intra_op_threads or (os.cpu_count() or 1),
+                      device=params.device, intra_op_threads=params.intra_op_threads or cpu_count(),
                       kv_cache_gpu_fraction=params.kv_cache_gpu_fraction)
     eos = set(spec.eos_token_ids)
     if params.eos_token and tokenizer.token_to_id(params.eos_token) is not None:
