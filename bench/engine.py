@@ -5,7 +5,8 @@
 For each export precision it starts tritonserver on the default model, drives it over
 gRPC streams (llm_backend.client, async) at each concurrency with fixed prompt and
 output lengths (distinct prompts of --prompt-len tokens sent as input_ids, greedy,
-ignore_eos, --output-len new tokens), clients starting staggered, and measures:
+ignore_eos, --output-len new tokens), clients starting staggered, each sending --rounds
+requests one after the other (closed loop, like perf_analyzer's concurrency mode), and measures:
 aggregate output tokens/s, time to first token p50/p99, inter-token latency p50/p99.
 It also measures time to first token of a new ~100-token prompt at one stream and of
 the same prompt again (prefix cache). In the same run it measures transformers
@@ -199,7 +200,7 @@ def measure_all(args, prompts, levels, tok) -> dict:
             if base:
                 base.warm_up(prompts)
             for c in levels:
-                n = c if c >= 16 else max(4, 2 * c)
+                n = args.rounds * c if c <= 16 else c      # closed loop: each client sends `rounds` requests
                 for prec in args.precision:
                     row = asyncio.run(engine_level(prec, c, n, args.output_len, args.stagger))
                     report["engines"][prec]["levels"].append(row)
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=38)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--stagger", type=float, default=0.1, help="seconds between client starts")
+    ap.add_argument("--rounds", type=int, default=2, help="requests per client (concurrency <= 16)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--no-baseline", action="store_true")
     args = ap.parse_args(argv)
