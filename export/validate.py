@@ -119,9 +119,13 @@ def check_special_tokens(path: Path, config: dict, tok_cfg: dict, tokenizer) -> 
     gen = read_json(path / "generation_config.json", "generation config",
                     "fix or delete generation_config.json", required=False)
     cfg_name = path / "tokenizer_config.json"
-    bos, eos = token_text(tok_cfg.get("bos_token")), token_text(tok_cfg.get("eos_token"))
+    # Older checkpoints keep special tokens in special_tokens_map.json only.
+    specials = {**read_json(path / "special_tokens_map.json", "tokenizer", SAVE_TOKENIZER, required=False),
+                **{k: v for k, v in tok_cfg.items() if v is not None}}
+    bos, eos = token_text(specials.get("bos_token")), token_text(specials.get("eos_token"))
     if not eos:
-        raise CheckpointError(f"special tokens: {cfg_name} defines no eos_token; set it to the token that "
+        raise CheckpointError(f"special tokens: {cfg_name} (nor special_tokens_map.json) defines no eos_token; "
+                              "set it to the token that "
                               "ends a turn (e.g. tokenizer.eos_token = ...; tokenizer.save_pretrained)")
     vocab_size = config["vocab_size"]
     tok_size = tokenizer.get_vocab_size(with_added_tokens=True)

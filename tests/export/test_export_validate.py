@@ -164,6 +164,14 @@ def test_eos_token_undefined(ckpt_copy):
     refused(ckpt_copy, "special tokens", "defines no eos_token")
 
 
+def test_special_tokens_from_special_tokens_map(ckpt_copy):
+    edit_json(ckpt_copy / "tokenizer_config.json", eos_token=None, bos_token=None)
+    (ckpt_copy / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": {"content": "<s>"}, "eos_token": {"content": "</s>"}}))
+    ckpt = validate_checkpoint(ckpt_copy)
+    assert (ckpt.bos_token, ckpt.eos_token) == ("<s>", "</s>")
+
+
 def test_eos_token_not_in_vocabulary(ckpt_copy):
     edit_json(ckpt_copy / "tokenizer_config.json", eos_token="<|nowhere|>")
     refused(ckpt_copy, "special tokens", "<|nowhere|>", "not in the tokenizer vocabulary")
