@@ -125,8 +125,7 @@ def check_special_tokens(path: Path, config: dict, tok_cfg: dict, tokenizer) -> 
     bos, eos = token_text(specials.get("bos_token")), token_text(specials.get("eos_token"))
     if not eos:
         raise CheckpointError(f"special tokens: {cfg_name} (nor special_tokens_map.json) defines no eos_token; "
-                              "set it to the token that "
-                              "ends a turn (e.g. tokenizer.eos_token = ...; tokenizer.save_pretrained)")
+                              "set it to the token that ends a turn (tokenizer.eos_token = ...; save_pretrained)")
     vocab_size = config["vocab_size"]
     tok_size = tokenizer.get_vocab_size(with_added_tokens=True)
     if tok_size > vocab_size:
