@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,7 +71,11 @@ def cached_export(checkpoint: Path, precision: str, name: str) -> Path:
             if _is_current(candidate, precision):
                 return candidate
         opts = ExportOptions(name=name, repository=cache_repo, precision=precision, device="cpu")
-        return run_export(checkpoint, opts).version_dir
+        fresh = run_export(checkpoint, opts).version_dir
+        for number in versions(cache_repo / name):  # stale builds; repositories keep their hard links
+            if cache_repo / name / str(number) != fresh:
+                shutil.rmtree(cache_repo / name / str(number), ignore_errors=True)
+        return fresh
 
 
 def _is_current(version_dir: Path, precision: str) -> bool:
