@@ -94,8 +94,11 @@ def sampling(req: _Sampling, model: str, prompt: Any, max_tokens: Optional[int],
              choice: int = 0) -> GenerationRequest:
     # With a seed, choice j samples with seed + j: reproducible, yet n different choices.
     seed = None if req.seed is None else req.seed + choice
+    # OpenAI's default is temperature 1, while a Triton LLM model without the tensor
+    # decodes greedily (the TensorRT-LLM convention our backend follows): send it.
+    temperature = 1.0 if req.temperature is None else req.temperature
     return GenerationRequest(model=model, prompt=prompt, max_tokens=max_tokens, stop=req.stop_list(),
-                             temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=seed,
+                             temperature=temperature, top_p=req.top_p, top_k=req.top_k, seed=seed,
                              presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                              ignore_eos=req.ignore_eos, request_id=request_id)
 

@@ -109,7 +109,14 @@ async def test_null_optional_fields_mean_not_given():
         r = await http.post(CHAT, json={"model": "fake", "messages": msgs(), "n": None, "stream": None, "stop": None,
                                         "temperature": None, "max_tokens": None, "stream_options": None})
         assert r.status_code == 200 and len(r.json()["choices"]) == 1
-        assert fake.requests[0].temperature is None and fake.requests[0].max_tokens is None
+        # Not given: OpenAI's default temperature (1) is sent; max_tokens stays open (up to the context).
+        assert fake.requests[0].temperature == 1.0 and fake.requests[0].max_tokens is None
+
+
+async def test_temperature_zero_is_passed_as_greedy():
+    async with app_client() as (http, fake):
+        r = await http.post(CHAT, json={"model": "fake", "messages": msgs(), "temperature": 0})
+        assert r.status_code == 200 and fake.requests[0].temperature == 0.0
 
 
 async def test_unknown_fields_accepted_and_logged(caplog):
