@@ -73,7 +73,7 @@ async def run_level(url: str, model: str, prompts: list[list[int]], concurrency:
         await asyncio.sleep(w * stagger)               # arrivals staggered
         while queue:
             i = queue.pop(0)
-            r = await generate(client, model, input_ids=prompts[i % len(prompts)], max_tokens=output_len,
+            r = await generate(client, model, input_ids=prompts[i], max_tokens=output_len,
                                ignore_eos=True, temperature=0.0)
             if r.error:
                 raise RuntimeError(r.error)
@@ -184,6 +184,12 @@ def measure_all(args, prompts, levels, tok) -> dict:
     from stack.triton import TritonServer
 
     report = {"engines": {p: {"levels": []} for p in args.precision}, "baseline": {}}
+    fresh = iter(range(len(prompts)))
+
+    def take(n: int) -> list[list[int]]:
+        """Prompts no engine has seen: no prefix-cache hits inside the measurement."""
+        return [prompts[next(fresh)] for _ in range(n)]
+
     base = None if args.no_baseline else Baseline(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         repo = Path(tmp) / "repo"
@@ -193,7 +199,7 @@ def measure_all(args, prompts, levels, tok) -> dict:
         log.write_text("")
         with TritonServer(repo, free_port(), free_port(), free_port(), log_path=log) as srv:
             async def engine_level(prec, c, n, out_len, stagger):
-                return await run_level(srv.grpc_url, names[prec], prompts, c, n, out_len, stagger)
+                return await run_level(srv.grpc_url, names[prec], take(n), c, n, out_len, stagger)
 
             for prec in args.precision:                  # warm-up: page in weights, allocate
                 asyncio.run(engine_level(prec, 2, 2, 8, 0.0))
@@ -256,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tok = load_tokenizer(ensure_default_model(Path(tmp), precision=args.precision[0]) / "1")
-    prompts = make_prompts(tok, max(levels) * 2, args.prompt_len)
+    prompts = make_prompts(tok, 4 * len(args.precision) * (sum(levels) * max(args.rounds, 1) + 4), args.prompt_len)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": {"cpus": os.cpu_count(),
               "platform": platform.platform(), "python": sys.version.split()[0],
               "load_average_before": os.getloadavg()}, "settings": vars(args)}

@@ -39,6 +39,12 @@ class TritonSender:
         self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if final else 0)
 
     def send_error(self, kind, message):
+        if kind == CANCELLED:
+            # The client is gone. An error response to a cancelled request is never
+            # released and kept the model from unloading (30 s exit timeout, measured):
+            # end it with the bare final flag, as vllm_backend does.
+            self.sender.send(flags=FINAL)
+            return
         error = pb_utils.TritonError(f"{kind}: {message}", getattr(pb_utils.TritonError, CODES[kind]))
         self.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
 

@@ -400,3 +400,33 @@ def test_non_streaming_sink_sends_one_final_response():
     sink.fail("cancelled", "late")                         # after the end: nothing more
     assert len(snd.sent) == 1 and snd.sent[0][1] and snd.sent[0][0]["text_output"][0][0] == b"hiab"
     assert not snd.errors
+
+
+# -- model loading --------------------------------------------------------------------------------------
+
+
+def test_missing_or_corrupt_artifacts_fail_the_load_clearly(tmp_path):
+    from llm_backend.engine import ModelLoadError
+    from llm_backend.model_config import EngineParams
+    from llm_backend.service import load_engine
+
+    with pytest.raises(ModelLoadError, match="missing model version directory"):
+        load_engine(tmp_path / "1", EngineParams())
+    (tmp_path / "1").mkdir()
+    with pytest.raises(ModelLoadError, match="tokenizer.json"):
+        load_engine(tmp_path / "1", EngineParams())
+    (tmp_path / "1" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="cannot read"):
+        load_engine(tmp_path / "1", EngineParams())
+
+
+def test_kv_budget_in_slots():
+    from llm_backend.engine import ModelLoadError
+    from llm_backend.model_config import EngineParams
+    from llm_backend.service import kv_slots
+
+    row = 30 * 2 * 3 * 2048 * 64 * 4                       # 94 MB: one SmolLM2 slot of 2048 tokens
+    assert kv_slots(EngineParams(max_num_seqs=16), row) == 16
+    assert kv_slots(EngineParams(max_num_seqs=16, kv_cache_mb=300), row) == 3
+    with pytest.raises(ModelLoadError, match="kv_cache_mb=50"):
+        kv_slots(EngineParams(kv_cache_mb=50), row)
