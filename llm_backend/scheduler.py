@@ -324,12 +324,12 @@ class Scheduler:
         """Sample one token for `seq` and send its text; True when the sequence is done."""
         token, lp = seq.sampler(logits)
         seq.next_token = token
-        if lp is not None:
-            seq.logprobs.append(lp)
         if token in self.eos and not seq.params.ignore_eos:
             seq.finish_reason = "stop"
             return True
         seq.output.append(token)
+        if lp is not None:
+            seq.logprobs.append(lp)
         text = seq.stops.push(seq.detok.push(token))
         if seq.stops.stopped:
             seq.finish_reason, seq.tail = "stop", text

@@ -66,6 +66,8 @@ def server(tmp_path_factory):
         yield srv
         if srv.proc.poll() is not None:
             pytest.fail(f"tritonserver died:\n{srv.log_tail()}")
+    # every request was released (cancelled ones too), so the models unloaded cleanly
+    assert "Exit timeout expired" not in log.read_text(errors="replace"), srv.log_tail()
 
 
 @pytest.fixture
@@ -139,6 +141,13 @@ async def test_max_tokens_gives_length(client):
     r = await generate(client, MODEL, PROMPTS[1], max_tokens=7)
     assert r.finish_reason == "length" and r.num_output_tokens == 7
     assert r.responses == len(r.pieces) + 1                             # pieces, then the empty final
+
+
+async def test_log_probs_one_per_output_token(client):
+    r = await generate(client, MODEL, PROMPTS[0], max_tokens=12, return_log_probs=True, stream=False)
+    assert len(r.logprobs) == r.num_output_tokens and all(lp <= 0 for lp in r.logprobs)
+    s = await generate(client, MODEL, PROMPTS[0], max_tokens=12, return_log_probs=True)
+    assert s.logprobs == pytest.approx(r.logprobs, abs=1e-4)
 
 
 async def test_same_seed_same_output(client):
