@@ -154,8 +154,12 @@ class Decoder:
                                         str(onnx_path.resolve().parent))
             decode_graph, prefill_graph = prepare_graph(onnx_path, prefill_variant=device == "cpu")
             self.session = ort.InferenceSession(decode_graph, so, providers=providers)
-            self.prefill_session = (ort.InferenceSession(prefill_graph, so, providers=providers)
-                                    if prefill_graph is not None else self.session)
+            if prefill_graph is not None:
+                # large prefill GEMMs ran faster without spinning (100 tokens: 130 vs 153 ms)
+                so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                self.prefill_session = ort.InferenceSession(prefill_graph, so, providers=providers)
+            else:
+                self.prefill_session = self.session
         except Exception as err:  # onnx/onnxruntime raise their own exception types
             raise ModelLoadError(f"onnxruntime cannot load {onnx_path}: {err}") from err
         if device == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():

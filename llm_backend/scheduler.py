@@ -23,13 +23,16 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from .detokenizer import IncrementalDetokenizer, StopStringBuffer
 from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from .runtime import Responder
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +128,7 @@ class Scheduler:
         # Sending and cancellation checks: inline by default (tests); EngineThread hands
         # them to a Responder thread so the IPC to Triton overlaps the next model call.
         self.emit = self._safe
-        self.responder: Responder | None = None
+        self.responder: Responder | None = None  # runtime.Responder
         # where the engine's time goes (logged when it turns idle): seconds, counts
         self.stats = {"steps": 0, "step_s": 0.0, "prefill_s": 0.0, "prefill_tokens": 0,
                       "decode_s": 0.0, "decode_tokens": 0}
@@ -384,86 +387,3 @@ def _ask_cancelled(seq: Sequence) -> bool:
         return bool(seq.sink.is_cancelled())
     except Exception:  # a sender that cannot answer is as good as gone
         return True
-
-
-class Responder:
-    """One thread that sends responses, updates metrics and polls cancellation, in
-    order, off the engine thread (each of these is an IPC round trip to Triton)."""
-
-    def __init__(self):
-        self.q: queue.SimpleQueue = queue.SimpleQueue()
-        self._poll_queued = False
-        self._thread = threading.Thread(target=self._run, name="llm-responder", daemon=True)
-        self._thread.start()
-
-    def emit(self, fn, *args) -> None:
-        self.q.put((fn, args))
-
-    def request_poll(self, seqs: list[Sequence]) -> None:
-        """Ask each sequence's sender whether it was cancelled (once per engine step at
-        most; skipped while a poll is still queued)."""
-        if not self._poll_queued:
-            self._poll_queued = True
-            self.q.put((self._poll, (seqs,)))
-
-    def _poll(self, seqs: list[Sequence]) -> None:
-        self._poll_queued = False
-        for seq in seqs:
-            if not seq.cancelled and _ask_cancelled(seq):
-                seq.cancelled = True
-
-    def _run(self) -> None:
-        while True:
-            fn, args = self.q.get()
-            if fn is None:
-                return
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("responder: %s failed", getattr(fn, "__name__", fn))
-
-    def close(self, timeout: float = 10.0) -> None:
-        self.q.put((None, ()))
-        self._thread.join(timeout)
-
-
-class EngineThread:
-    """Runs the scheduler's steps on a daemon thread (the vllm_backend structure: Triton's
-    execute() only submits; responses are sent from here)."""
-
-    def __init__(self, scheduler: Scheduler, idle_wait: float = 0.05):
-        self.sched = scheduler
-        self.responder = Responder()
-        scheduler.responder = self.responder
-        scheduler.emit = self.responder.emit
-        self.idle_wait = idle_wait
-        self.closed = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
-        self._thread.start()
-
-    def submit(self, prompt: list[int], params: SamplingParams, sink: Sink) -> None:
-        if self.closed:
-            raise RequestError(OVER_CAPACITY, "the model is unloading; retry later")
-        self.sched.submit(prompt, params, sink)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sched.wait_for_work(self.idle_wait)
-                if not self.sched.idle:
-                    self.sched.step()
-            except Exception as err:  # keep serving: fail what was in flight, go on
-                log.exception("engine step failed")
-                self.sched.abort_all(INTERNAL, f"engine step failed: {err}")
-
-    def close(self, drain_timeout: float = 30.0) -> None:
-        """Stop admitting, let requests in flight finish (up to the timeout), fail the rest."""
-        self.closed = True
-        deadline = time.monotonic() + drain_timeout
-        while not self.sched.idle and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self._stop.set()
-        self._thread.join(timeout=10)
-        self.sched.abort_all(INTERNAL, "the model was unloaded before the request finished")
-        self.responder.close()

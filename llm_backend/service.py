@@ -8,7 +8,8 @@ from pathlib import Path
 from .engine import Decoder, DecoderSpec, ModelLoadError, cpu_count
 from .model_config import EngineParams
 from .prefix_cache import PrefixCache
-from .scheduler import EngineThread, Scheduler
+from .runtime import EngineThread
+from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
