@@ -50,9 +50,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3.11 pyth
     && rm -rf /var/lib/apt/lists/*
 RUN python3.11 -m venv /opt/llm/venv
 ENV PATH=/opt/llm/venv/bin:$PATH PYTHONPATH=/opt/llm HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# Runtime needs of the backend only (no torch): the CUDA build of onnxruntime.
+# Runtime needs of the backend: the CUDA build of onnxruntime, and CUDA torch, in
+# which the engine keeps its KV buffers on the device (llm_backend/engine.py).
 RUN pip install --no-cache-dir numpy==1.26.4 tokenizers==0.23.3 jinja2==3.1.6 \
-        onnxruntime-gpu==1.31.1 nvidia-pytriton==0.7.0 \
+        onnxruntime-gpu==1.31.1 torch==2.13.0 nvidia-pytriton==0.7.0 \
     && cp "$(python -c 'import pytriton,os;print(os.path.dirname(pytriton.__file__))')/tritonserver/python_backend_stubs/3.11/triton_python_backend_stub" \
           /opt/tritonserver/backends/python/triton_python_backend_stub \
     && pip uninstall -y nvidia-pytriton
