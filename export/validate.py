@@ -135,21 +135,27 @@ def check_special_tokens(path: Path, config: dict, tok_cfg: dict, tokenizer) -> 
     if eos_id is None:
         raise CheckpointError(f"special tokens: eos_token {eos!r} of {cfg_name} is not in the tokenizer "
                               "vocabulary; fix tokenizer_config.json")
-    expected = _ids(gen.get("eos_token_id")) or _ids(config.get("eos_token_id"))
-    source = "generation_config.json" if _ids(gen.get("eos_token_id")) else "config.json"
-    if expected and eos_id not in expected:
-        raise CheckpointError(f"special tokens: tokenizer eos_token {eos!r} (id {eos_id}) in {cfg_name} disagrees "
-                              f"with eos_token_id {expected} in {path / source}; generation would not stop "
-                              "where the model was trained to. Make them agree")
+    # Each file that names the ids must agree with the tokenizer: generation reads
+    # generation_config.json, but other runtimes (and our own limits) read config.json,
+    # and a mismatch in either is the model that never stops in production.
+    sources = [(path / "config.json", config), (path / "generation_config.json", gen)]
+    expected: list[int] = []
+    for source, values in sources:
+        ids = _ids(values.get("eos_token_id"))
+        if ids and eos_id not in ids:
+            raise CheckpointError(f"special tokens: tokenizer eos_token {eos!r} (id {eos_id}) in {cfg_name} disagrees "
+                                  f"with eos_token_id {ids} in {source}; generation would not stop "
+                                  "where the model was trained to. Make them agree")
+        expected += [i for i in ids if i not in expected]
     bos_id = tokenizer.token_to_id(bos) if bos else None
     if bos and bos_id is None:
         raise CheckpointError(f"special tokens: bos_token {bos!r} of {cfg_name} is not in the tokenizer "
                               "vocabulary; fix tokenizer_config.json")
-    model_bos = gen.get("bos_token_id", config.get("bos_token_id"))
-    if bos_id is not None and model_bos is not None and bos_id != model_bos:
-        raise CheckpointError(f"special tokens: tokenizer bos_token {bos!r} (id {bos_id}) in {cfg_name} disagrees "
-                              f"with bos_token_id {model_bos} in config.json/generation_config.json; "
-                              "make them agree")
+    for source, values in sources:
+        model_bos = values.get("bos_token_id")
+        if bos_id is not None and model_bos is not None and bos_id != model_bos:
+            raise CheckpointError(f"special tokens: tokenizer bos_token {bos!r} (id {bos_id}) in {cfg_name} disagrees "
+                                  f"with bos_token_id {model_bos} in {source}; make them agree")
     return bos, eos, bos_id, expected or [eos_id]
 
 

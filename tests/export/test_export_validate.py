@@ -188,6 +188,13 @@ def test_eos_disagrees_with_generation_config(ckpt_copy):
     refused(ckpt_copy, "special tokens", "disagrees", "generation_config.json")
 
 
+def test_eos_disagrees_with_config_json_even_when_generation_config_agrees(ckpt_copy):
+    # generation_config.json alone would let transformers stop right; anything that
+    # reads config.json (other runtimes, our limits) would not.
+    edit_json(ckpt_copy / "config.json", eos_token_id=1)
+    refused(ckpt_copy, "special tokens", "disagrees", "eos_token_id [1]", "config.json")
+
+
 def test_bos_disagrees_with_config(ckpt_copy):
     edit_json(ckpt_copy / "tokenizer_config.json", bos_token="<|user|>")
     refused(ckpt_copy, "special tokens", "bos_token", "disagrees")
