@@ -194,23 +194,22 @@ class Scheduler:
                 st[k] = 0 if isinstance(st[k], int) else 0.0
 
     def _step(self) -> None:
-        while True:
-            try:
-                self.waiting.append(self.inbox.get_nowait())
-            except queue.Empty:
-                break
+        self.step_inbox_drain()
         self._drop_cancelled()
         self._prefill()
         self._decode()
         self._report_state()
         if self.responder is not None:
-            active = list(self.waiting) + self.rows + ([self.prefilling] if self.prefilling else [])
-            self.responder.request_poll(active)
+            self.responder.request_poll(self._in_flight())
+
+    def _in_flight(self) -> list:
+        """Every admitted sequence: waiting, being prefilled, decoding."""
+        return list(self.waiting) + self.rows + ([self.prefilling] if self.prefilling else [])
 
     def abort_all(self, kind: str, message: str) -> None:
         """Fail everything in flight (unload)."""
         self.step_inbox_drain()
-        for seq in list(self.waiting) + self.rows + ([self.prefilling] if self.prefilling else []):
+        for seq in self._in_flight():
             self.emit(seq.sink.fail, kind, message)
         with self._lock:
             self._pending -= len(self.waiting)
