@@ -97,8 +97,13 @@ def sampling(req: _Sampling, model: str, prompt: Any, max_tokens: Optional[int],
     # OpenAI's default is temperature 1, while a Triton LLM model without the tensor
     # decodes greedily (the TensorRT-LLM convention our backend follows): send it.
     temperature = 1.0 if req.temperature is None else req.temperature
+    # The model reads top_p=0 and top_k=0 as "unset" (TensorRT-LLM convention). OpenAI's
+    # top_p=0 keeps only the most likely token: send top_k=1. vLLM's top_k=-1 is "no top-k".
+    top_p, top_k = req.top_p, (None if req.top_k == -1 else req.top_k)
+    if top_p == 0:
+        top_p, top_k = None, 1
     return GenerationRequest(model=model, prompt=prompt, max_tokens=max_tokens, stop=req.stop_list(),
-                             temperature=temperature, top_p=req.top_p, top_k=req.top_k, seed=seed,
+                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                              presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                              ignore_eos=req.ignore_eos, request_id=request_id)
 

@@ -199,3 +199,24 @@ def test_adapter_never_imports_the_model_code():
             "'transformers', 'onnxruntime', 'httpx')); print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _sampled(**fields):
+    from openai_adapter.schemas import ChatCompletionRequest
+    from openai_adapter.serving import sampling
+    req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], **fields)
+    return sampling(req, "m", "prompt", None, "rid")
+
+
+def test_top_p_zero_is_greedy_not_the_engines_unset():
+    # OpenAI's top_p=0 keeps only the most likely token; the model reads a 0 as "unset"
+    # (TensorRT-LLM convention) and would sample from the whole vocabulary.
+    g = _sampled(top_p=0, temperature=1)
+    assert g.top_k == 1 and g.top_p is None
+
+
+def test_top_k_minus_one_means_no_top_k():
+    # vLLM clients send top_k=-1 for "disabled"; the model only knows 0 for that.
+    g = _sampled(top_k=-1)
+    assert g.top_k is None
+    assert _sampled(top_k=5).top_k == 5
