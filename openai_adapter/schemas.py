@@ -87,7 +87,8 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: Optional[StrictBool] = None
 
 
-PromptTokens = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+# le: the INT64 input_ids tensor (a larger id failed in the gRPC layer as a plain-text 500)
+PromptTokens = Annotated[list[Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]], Field(min_length=1)]
 Prompt = Union[str, Annotated[list[str], Field(min_length=1, max_length=64)], PromptTokens,
                Annotated[list[PromptTokens], Field(min_length=1, max_length=64)]]
 

@@ -306,9 +306,12 @@ class TritonPool:
 
     async def _stream(self, ep: Endpoint, request: GenerationRequest) -> AsyncIterator[Chunk]:
         done = asyncio.Event()
+        # Built here, not in the iterator: an exception there reaches us only as the
+        # call's CancelledError, which no error handler turns into an answer.
+        inputs = build_inputs(request)
 
         async def requests():
-            yield {"model_name": request.model, "inputs": build_inputs(request), "request_id": request.request_id,
+            yield {"model_name": request.model, "inputs": inputs, "request_id": request.request_id,
                    "parameters": {"triton_enable_empty_final_response": True}}
             await done.wait()  # keep our half open until the final response came
 

@@ -164,6 +164,8 @@ BAD = [
     (CHAT, {"model": "nope", "messages": msgs()}, 404, "invalid_request_error", "model"),
     (COMP, {"model": "fake"}, 400, "invalid_request_error", "prompt"),
     (COMP, {"model": "fake", "prompt": 5}, 400, "invalid_request_error", "prompt"),
+    # beyond int64: the INT64 tensor cannot hold it (was a plain-text 500)
+    (COMP, {"model": "fake", "prompt": [2**63]}, 400, "invalid_request_error", "prompt.0"),
     (COMP, {"model": "fake", "prompt": "x", "logprobs": 2}, 400, "invalid_request_error", "logprobs"),
     (COMP, {"model": "fake", "prompt": "x", "best_of": 3}, 400, "invalid_request_error", "best_of"),
     (COMP, {"model": "fake", "prompt": "x", "suffix": "y"}, 400, "invalid_request_error", "suffix"),
