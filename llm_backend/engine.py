@@ -246,9 +246,10 @@ class Decoder:
             raise ValueError(f"row {row}: {past_len}+{n} exceeds {self.max_len}")
         ids = np.asarray(tokens, dtype=np.int64).reshape(1, n)
         mask = np.ones((1, past_len + n), dtype=np.int64)
-        # short chunks (a prompt's tail after a prefix-cache hit) run like a decode
-        session = self.prefill_session if n >= 8 else self.session
-        logits = self._run(ids, mask, row, 1, session)
+        # Every prompt token goes through the prefill graph, however the prompt was split
+        # (prefix-cache hit, chunk boundary): the decode graph's int8 activations give
+        # other KV and logits (up to 0.8 apart), so a cached prompt changed the output.
+        logits = self._run(ids, mask, row, 1, self.prefill_session)
         return logits[0, -1]
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -430,3 +430,21 @@ def test_kv_budget_in_slots():
     assert kv_slots(EngineParams(max_num_seqs=16, kv_cache_mb=300), row) == 3
     with pytest.raises(ModelLoadError, match="kv_cache_mb=50"):
         kv_slots(EngineParams(kv_cache_mb=50), row)
+
+
+def test_prompt_logits_do_not_depend_on_how_the_prompt_was_split(tmp_path):
+    """A prefix-cache hit (or a chunk boundary) leaves a short tail to prefill. It ran in
+    the int8-activation decode graph while a whole prompt ran in the fp32 prefill graph:
+    logits differed by up to 0.8, so the same seeded request sampled other text once its
+    prompt was cached, and greedy output could change."""
+    from llm_backend.engine import Decoder
+    from stack.default_model import ensure_default_model
+
+    version = ensure_default_model(tmp_path / "repo", precision="int4") / "1"
+    dec = Decoder(version, num_slots=2, max_len=64, intra_op_threads=2)
+    assert dec.prefill_session is not dec.session     # the int4 export has both graphs
+    prompt = list(range(1000, 1037))
+    whole = dec.prefill(0, prompt, 0)
+    dec.prefill(1, prompt[:32], 0)                     # the cached blocks
+    tail = dec.prefill(1, prompt[32:], 32)             # 5 tokens
+    assert np.array_equal(whole, tail)
