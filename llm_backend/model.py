@@ -39,10 +39,12 @@ class TritonSender:
         self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if final else 0)
 
     def send_error(self, kind, message):
-        if kind == CANCELLED:
+        if kind == CANCELLED or self.sender.is_cancelled():
             # The client is gone. An error response to a cancelled request is never
             # released and kept the model from unloading (30 s exit timeout, measured):
-            # end it with the bare final flag, as vllm_backend does.
+            # end it with the bare final flag, as vllm_backend does. Not only for our
+            # own `cancelled`: the adapter cancels a request's sibling choices as soon as
+            # one fails, often while the sibling's own over_capacity error is on its way.
             self.sender.send(flags=FINAL)
             return
         error = pb_utils.TritonError(f"{kind}: {message}", getattr(pb_utils.TritonError, CODES[kind]))

@@ -448,3 +448,41 @@ def test_prompt_logits_do_not_depend_on_how_the_prompt_was_split(tmp_path):
     dec.prefill(1, prompt[:32], 0)                     # the cached blocks
     tail = dec.prefill(1, prompt[32:], 32)             # 5 tokens
     assert np.array_equal(whole, tail)
+
+
+def test_error_to_a_cancelled_request_is_the_bare_final_flag(monkeypatch):
+    """Triton never releases an error response sent to a cancelled request, and the model
+    then cannot unload (tritonserver killed after its exit timeout). The adapter cancels
+    a request's other choices when one gets over_capacity, often while theirs is sent."""
+    import sys
+    import types
+
+    class TritonError:
+        INVALID_ARG, UNAVAILABLE, CANCELLED, INTERNAL = range(4)
+
+        def __init__(self, message, code):
+            self.message, self.code = message, code
+
+    pb = types.SimpleNamespace(TRITONSERVER_RESPONSE_COMPLETE_FINAL=1, TritonError=TritonError,
+                               InferenceResponse=lambda **kw: kw)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    monkeypatch.delitem(sys.modules, "llm_backend.model", raising=False)
+    from llm_backend.model import TritonSender
+
+    class Raw:
+        def __init__(self, cancelled):
+            self.cancelled, self.sent = cancelled, []
+
+        def is_cancelled(self):
+            return self.cancelled
+
+        def send(self, response=None, flags=0):
+            self.sent.append((response, flags))
+
+    gone = Raw(cancelled=True)
+    TritonSender(gone).send_error("over_capacity", "64 requests are waiting")
+    assert gone.sent == [(None, 1)]
+    live = Raw(cancelled=False)
+    TritonSender(live).send_error("over_capacity", "64 requests are waiting")
+    (response, flags), = live.sent
+    assert flags == 1 and response["error"].message.startswith("over_capacity: ")
