@@ -216,6 +216,7 @@ class Scheduler:
         self.waiting.clear()
         self.rows.clear()
         self.prefilling = None
+        self._report_state()   # the engine goes idle: no step would set the gauges to 0
 
     def step_inbox_drain(self) -> None:
         while True:

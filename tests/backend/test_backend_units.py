@@ -486,3 +486,31 @@ def test_error_to_a_cancelled_request_is_the_bare_final_flag(monkeypatch):
     TritonSender(live).send_error("over_capacity", "64 requests are waiting")
     (response, flags), = live.sent
     assert flags == 1 and response["error"].message.startswith("over_capacity: ")
+
+
+def test_abort_all_reports_the_emptied_state():
+    """After a failed engine step everything in flight is failed and the engine goes
+    idle: no further step reports the state, so the gauges kept the old counts."""
+    class StateMetrics:
+        def __init__(self):
+            self.last = None
+
+        def state(self, waiting, running, kv_usage):
+            self.last = (waiting, running, kv_usage)
+
+        def first_token(self, seconds, prompt_tokens):
+            pass
+
+        def tokens(self, n, inter_token_seconds):
+            pass
+
+    m = StateMetrics()
+    s = _sched(metrics=m, max_queue_size=10)
+    sinks = [ListSink() for _ in range(6)]
+    for i, sink in enumerate(sinks):
+        s.submit([1, 2, 3 + i], SamplingParams(max_tokens=20), sink)
+    s.step()
+    assert m.last[1] > 0 and m.last[0] > 0
+    s.abort_all("internal", "engine step failed")
+    assert s.idle and all(k.error for k in sinks)
+    assert m.last == (0, 0, 0.0)
