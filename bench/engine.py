@@ -180,7 +180,6 @@ def build_repository(repo: Path, precisions: list[str], levels: list[int], threa
 def measure_all(args, prompts, levels, tok) -> dict:
     """Both engines in one server; per concurrency level each engine, then the baseline,
     back to back, so the ratios compare the same minute of this shared machine."""
-    from stack.ports import free_port
     from stack.triton import TritonServer
 
     report = {"engines": {p: {"levels": []} for p in args.precision}, "baseline": {}}
@@ -197,7 +196,7 @@ def measure_all(args, prompts, levels, tok) -> dict:
         RESULTS.mkdir(parents=True, exist_ok=True)
         log = RESULTS / "tritonserver.log"
         log.write_text("")
-        with TritonServer(repo, free_port(), free_port(), free_port(), log_path=log) as srv:
+        with TritonServer.on_free_ports(repo, log_path=log) as srv:
             async def engine_level(prec, c, n, out_len, stagger):
                 return await run_level(srv.grpc_url, names[prec], take(n), c, n, out_len, stagger)
 

@@ -176,14 +176,24 @@ class TritonServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
-    def __enter__(self) -> "TritonServer":
+    @classmethod
+    def on_free_ports(cls, model_repository: Path, **kwargs) -> "TritonServer":
+        """A server whose three ports are free loopback ports (tests, benchmarks)."""
+        from stack.ports import free_port
+        return cls(model_repository, free_port(), free_port(), free_port(), **kwargs)
+
+    def start_ready(self, timeout: float = 180.0) -> "TritonServer":
+        """Start and wait until ready; stopped again if it never gets there."""
         self.start()
         try:
-            self.wait_ready()
+            self.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def __enter__(self) -> "TritonServer":
+        return self.start_ready()
 
     def __exit__(self, *exc) -> None:
         self.stop()

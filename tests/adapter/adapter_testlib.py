@@ -141,15 +141,7 @@ class AdapterProcess:
 
 def start_triton(repo: Path, log_path: Path, extra_backends: dict[str, Path] | None = None):
     """A started, ready TritonServer on free ports (shows its log if it dies)."""
-    from stack.ports import free_port
     from stack.triton import TritonServer
-    srv = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                       log_path=log_path, extra_backends=extra_backends or {})
-    srv.start()
-    try:
-        srv.wait_ready(timeout=120)
-    except BaseException:
-        srv.stop()
-        raise
-    return srv
+    return TritonServer.on_free_ports(repo, log_path=log_path,
+                                      extra_backends=extra_backends or {}).start_ready(timeout=120)
 

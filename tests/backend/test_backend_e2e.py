@@ -18,7 +18,6 @@ import tritonclient.grpc.aio as grpcclient
 from llm_backend.client import generate
 from llm_backend.model_config import EngineParams, render_config_pbtxt
 from stack.default_model import ensure_default_model
-from stack.ports import free_port
 from stack.triton import TritonServer
 
 pytestmark = pytest.mark.e2e
@@ -60,8 +59,8 @@ def server(tmp_path_factory):
             (broken / f.name).symlink_to(f.resolve())
     (repo / BROKEN / "config.pbtxt").write_text(render_config_pbtxt(BROKEN, EngineParams()))
     log = root / "tritonserver.log"
-    srv = TritonServer(repo, free_port(), free_port(), free_port(), log_path=log,
-                       extra_args=["--exit-on-error=false", "--strict-readiness=false"])
+    srv = TritonServer.on_free_ports(repo, log_path=log,
+                                     extra_args=["--exit-on-error=false", "--strict-readiness=false"])
     with srv:
         yield srv
         if srv.proc.poll() is not None:
