@@ -1,6 +1,6 @@
 """Benchmark of the `llm` model in a real tritonserver against transformers `generate`.
 
-    python -m bench.engine [--precision int4 fp32] [--concurrency 1 4 16] [--with-64]
+    python -m bench.engine [--precision w8a8 int4] [--concurrency 1 4 16] [--with-64]
 
 For each export precision it starts tritonserver on the default model, drives it over
 gRPC streams (llm_backend.client, async) at each concurrency with fixed prompt and
@@ -243,7 +243,7 @@ def render(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--precision", nargs="+", default=["int4", "fp32"], choices=["int4", "fp32", "int8"])
+    ap.add_argument("--precision", nargs="+", default=["w8a8", "int4"], choices=["w8a8", "int4", "fp32", "int8"])
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--with-64", action="store_true", help="add concurrency 64 (slow on 2 cores)")
     ap.add_argument("--prompt-len", type=int, default=38)

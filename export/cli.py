@@ -28,6 +28,7 @@ steps:
                 --verify-tokens tokens from each (count of leading tokens that agree).
                 To pass:  fp32  max abs diff <= 1e-3 x logit scale, every greedy token
                           int8  KL <= 0.1 nats, top-1, first 4 greedy tokens
+                          w8a8  KL <= 0.1 nats, top-1, first 4 greedy tokens
                           int4  KL <= 1.0 nats, top-1, first greedy token
                           fp16  max abs diff <= 2e-2 x logit scale, first 8 tokens
                 Quantized weights move unlikely logits a lot without changing the
@@ -40,7 +41,8 @@ steps:
                 to the next number (1, 2, ...) in one atomic step. Any failure publishes
                 nothing and exits non-zero.
 
-precisions:   cpu: fp32 (exact), int4 or int8 (weight-only quantized MatMulNBits)
+precisions:   cpu: fp32 (exact); w8a8 (int8 weights and int8 activations per row: the
+                   fastest on the CPU); int4 or int8 (weight-only quantized MatMulNBits)
               cuda: fp16, int4 (also fp32, int8)
 
 exit codes:   0 published, 2 invalid checkpoint or arguments, 3 export failed,
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="model name: the directory under --repository and the Triton model name")
     p.add_argument("--repository", required=True, type=Path, metavar="REPO_DIR",
                    help="Triton model repository (created if missing)")
-    p.add_argument("--precision", choices=["fp32", "int4", "fp16", "int8"], default="fp32",
+    p.add_argument("--precision", choices=["fp32", "w8a8", "int4", "fp16", "int8"], default="fp32",
                    help="weight precision (default fp32)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="target execution provider; sets instance kind KIND_CPU/KIND_GPU (default cpu)")
@@ -87,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.precision == "fp16" and args.device == "cpu":
-        parser.error("--precision fp16 targets GPUs: use --device cuda (CPU exports: fp32, int8, int4)")
+        parser.error("--precision fp16 targets GPUs: use --device cuda (CPU exports: fp32, w8a8, int8, int4)")
+    if args.precision == "w8a8" and args.device != "cpu":
+        parser.error("--precision w8a8 targets the CPU (onnxruntime's int8 GEMM): use fp16 or int4 on GPUs")
     bad = [o for o in args.builder_option if "=" not in o]
     if bad:
         parser.error(f"--builder-option expects KEY=VALUE, got {bad[0]!r}")

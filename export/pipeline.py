@@ -18,6 +18,10 @@ from .onnx_build import BuildError, builder_options, run_builder
 from .pad_heads import head_dim, padded_head_dim, write_padded_checkpoint
 from .publish import publish_version, staging, write_config
 from .validate import Checkpoint, validate_checkpoint
+from .w8a8 import quantize_export
+
+# Precisions we make ourselves from the builder's output: w8a8 is the fp32 graph rewritten.
+BUILDER_PRECISION = {"w8a8": "fp32"}
 
 # Checkpoint files that travel with the artifacts (the backend tokenizes with them).
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -125,6 +129,8 @@ def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportRe
     Raises on failure; nothing is published then."""
     start = time.monotonic()
     progress(opts, f"validating {checkpoint}")
+    if opts.precision == "w8a8" and opts.device != "cpu":
+        raise BuildError("precision w8a8 targets the CPU (onnxruntime's int8 GEMM); use fp16 or int4 on GPUs")
     ckpt = validate_checkpoint(checkpoint, opts.chat_template_file, opts.no_chat_template)
     params = engine_params(ckpt, opts)
     model_dir = Path(opts.repository) / opts.name
@@ -139,8 +145,13 @@ def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportRe
                            f"exporting an exactly equivalent model with head size {padding['exported_head_dim']}")
             source = stage / "padded-checkpoint"
             write_padded_checkpoint(ckpt.path, ckpt.weight_files, ckpt.config, source)
-        build_s = run_builder(source, version_dir, opts.precision, opts.device, stage / "builder.log", extra)
+        build_s = run_builder(source, version_dir, BUILDER_PRECISION.get(opts.precision, opts.precision),
+                              opts.device, stage / "builder.log", extra)
         progress(opts, f"exported in {build_s:.1f} s")
+        quantization = None
+        if opts.precision == "w8a8":
+            progress(opts, "quantizing to W8A8 (int8 weights per column, int8 activations per row)")
+            quantization = quantize_export(version_dir)
         stage_files(ckpt, version_dir)
         sizes = check_artifacts(version_dir)
         progress(opts, "computing the source weights checksum")
@@ -160,6 +171,7 @@ def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportRe
             "instance_count": opts.instance_count,
             "artifacts": sorted(p.name for p in version_dir.iterdir()),
             "builder_options": extra,
+            "quantization": quantization,
             "sizes": sizes,
             "head_padding": padding,
             "build_seconds": round(build_s, 1),

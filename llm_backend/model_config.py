@@ -52,7 +52,7 @@ class EngineParams:
     """Engine settings written into config.pbtxt `parameters` (all as strings there)."""
 
     onnx_model: str = "model.onnx"         # relative to the version directory
-    precision: str = "fp32"                # fp32 | int4 | fp16 | int8
+    precision: str = "fp32"                # fp32 | w8a8 | int4 | fp16 | int8
     device: str = "cpu"                    # cpu | cuda (execution provider)
     max_num_seqs: int = 16                 # sequences decoded together (KV slots)
     max_model_len: int = 2048              # prompt + generated tokens per sequence

@@ -7,7 +7,7 @@ Every later call (any repository, any process) hard-links that cached version
 into the repository and re-renders config.pbtxt with the caller's engine
 overrides, which takes milliseconds.
 
-    python -m stack.default_model [--precision int4] [--repository model_repository]
+    python -m stack.default_model [--precision w8a8] [--repository model_repository]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _is_current(version_dir: Path, precision: str) -> bool:
             and m.get("tools") == tool_versions())  # a bumped pin means a new export
 
 
-def ensure_default_model(repository: Path, precision: str = "int4", name: str = MODEL_ID,
+def ensure_default_model(repository: Path, precision: str = "w8a8", name: str = MODEL_ID,
                          **engine_overrides) -> Path:
     """Return `repository/name`, exported (verified, cached) on first use.
 
@@ -146,7 +146,7 @@ def _write_config(model_dir: Path, name: str, manifest: dict, overrides: dict, i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export the default model into a model repository.")
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
-    parser.add_argument("--precision", choices=["fp32", "int4", "int8"], default="int4")
+    parser.add_argument("--precision", choices=["w8a8", "fp32", "int4", "int8"], default="w8a8")
     parser.add_argument("--name", default=MODEL_ID)
     args = parser.parse_args(argv)
     model_dir = ensure_default_model(args.repository, args.precision, args.name)

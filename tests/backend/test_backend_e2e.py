@@ -1,8 +1,9 @@
 """The `llm` model in a real tritonserver (CPU), driven over gRPC streams.
 
-One server per module serves three models: the default model in fp32 (parity with
-transformers), an int4 copy with one slot and a one-place queue (capacity), and a
-model whose ONNX file is corrupt (must fail to load, clearly, and not be ready).
+One server per module serves four models: the default model in fp32 (parity with
+transformers), its W8A8 export (the default precision) with 16 slots, a W8A8 copy with
+one slot and a one-place queue (capacity), and a model whose ONNX file is corrupt (must
+fail to load, clearly, and not be ready).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m-instruct"
 SMALL = "smollm-one-slot"
+W8A8 = "smollm-w8a8"
 BROKEN = "smollm-broken"
 
 
@@ -46,13 +48,14 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("backend-e2e")
     repo = root / "repo"
     ensure_default_model(repo, precision="fp32", max_model_len=512, max_num_seqs=16, max_queue_size=64)
-    int4 = ensure_default_model(root / "int4", precision="int4") / "1"
-    _link_version(int4, repo / SMALL / "1")
-    (repo / SMALL / "config.pbtxt").write_text(render_config_pbtxt(
-        SMALL, EngineParams(precision="int4", max_num_seqs=1, max_queue_size=1, max_model_len=256)))
+    w8a8 = ensure_default_model(root / "w8a8", precision="w8a8") / "1"
+    for name, params in ((W8A8, dict(max_num_seqs=16, max_queue_size=64, max_model_len=512)),
+                         (SMALL, dict(max_num_seqs=1, max_queue_size=1, max_model_len=256))):
+        _link_version(w8a8, repo / name / "1")
+        (repo / name / "config.pbtxt").write_text(render_config_pbtxt(name, EngineParams(precision="w8a8", **params)))
     broken = repo / BROKEN / "1"
     broken.mkdir(parents=True)
-    for f in int4.iterdir():
+    for f in w8a8.iterdir():
         if f.name.startswith("model.onnx"):
             (broken / f.name).write_bytes(b"not an onnx model")
         else:
@@ -113,17 +116,30 @@ async def test_greedy_matches_transformers(client, hf_greedy):
         assert streamed.finish_reason in ("stop", "length") and streamed.num_input_tokens > 0
 
 
-async def test_sixteen_concurrent_streams_equal_one_at_a_time(client):
+@pytest.mark.parametrize("model", [MODEL, W8A8])
+async def test_sixteen_concurrent_streams_equal_one_at_a_time(client, model):
     prompts = [PROMPTS[i % 4] + (" " * (i // 4)) for i in range(16)]   # 16 distinct prompts
-    alone = [(await generate(client, MODEL, p, max_tokens=20)).text for p in prompts]
+    alone = [(await generate(client, model, p, max_tokens=20)).text for p in prompts]
 
     async def late(i, p):
         await asyncio.sleep(0.05 * i)                                 # arrivals staggered
-        return await generate(client, MODEL, p, max_tokens=20)
+        return await generate(client, model, p, max_tokens=20)
 
     together = await asyncio.gather(*(late(i, p) for i, p in enumerate(prompts)))
     assert [r.error for r in together] == [None] * 16
     assert [r.text for r in together] == alone
+    assert len(set(alone)) > 4                                       # real, distinct answers
+
+
+async def test_w8a8_sampled_streams_with_a_seed_repeat_under_load(client):
+    """Same seed, same text, whether the request runs alone or beside 7 others."""
+    prompt = PROMPTS[1]
+    alone = await generate(client, W8A8, prompt, max_tokens=24, temperature=0.9, seed=7)
+    others = [generate(client, W8A8, PROMPTS[i % 4], max_tokens=24, temperature=0.9, seed=100 + i)
+              for i in range(7)]
+    loaded, *_ = await asyncio.gather(generate(client, W8A8, prompt, max_tokens=24, temperature=0.9, seed=7),
+                                      *others)
+    assert alone.error is None and loaded.text == alone.text
 
 
 async def test_stop_sequence_is_cut_and_not_returned(client):

@@ -450,6 +450,33 @@ def test_prompt_logits_do_not_depend_on_how_the_prompt_was_split(tmp_path):
     assert np.array_equal(whole, tail)
 
 
+def test_w8a8_rows_are_bit_identical_alone_batched_or_split(tmp_path):
+    """W8A8 quantizes each row's activations on its own and accumulates in integers, so a
+    sequence's logits do not depend on its neighbours in the batch or on how its prompt
+    was split: seeded and greedy requests give the same text under any load."""
+    import onnx
+
+    from llm_backend.engine import Decoder, prepare_graph
+    from stack.default_model import ensure_default_model
+
+    version = ensure_default_model(tmp_path / "repo", precision="w8a8") / "1"
+    decode_graph, prefill_graph = prepare_graph(version / "model.onnx", prefill_variant=True)
+    assert prefill_graph is None                       # one graph serves both
+    sliced = [n for n in onnx.load_from_string(decode_graph).graph.node if n.name == "llm_last/Slice"]
+    assert len(sliced) == 1 and "norm" in sliced[0].input[0]   # LM head on the last position only
+    dec = Decoder(version, num_slots=4, max_len=64, intra_op_threads=2)
+    assert dec.prefill_session is dec.session
+    prompts = [list(range(1000 + 7 * i, 1037 + 7 * i)) for i in range(4)]
+    whole = dec.prefill(0, prompts[0], 0)
+    dec.prefill(1, prompts[0][:32], 0)
+    assert np.array_equal(whole, dec.prefill(1, prompts[0][32:], 32))
+    for row in (2, 3):
+        dec.prefill(row, prompts[row], 0)
+    alone = dec.decode(np.array([42]), np.array([37]))[0]
+    batched = dec.decode(np.array([42, 42, 7, 9]), np.array([37] * 4))
+    assert np.array_equal(batched[0], alone) and np.array_equal(batched[1], alone)
+
+
 def test_error_to_a_cancelled_request_is_the_bare_final_flag(monkeypatch):
     """Triton never releases an error response sent to a cancelled request, and the model
     then cannot unload (tritonserver killed after its exit timeout). The adapter cancels
