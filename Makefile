@@ -8,7 +8,10 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv model serve triton test test-fast bench clean
+LLAMA_VENV := .cache/llama-venv
+LLAMA_STAMP := $(LLAMA_VENV)/.installed
+
+.PHONY: venv model serve triton test test-fast bench llama-venv clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,9 +42,17 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -ra -m "not e2e and not slow"
 
-## Benchmarks (not tests): print tables, write bench/results/.
-bench: $(STAMP)
-	$(PY) -m bench.engine
+## Benchmarks (not tests): print tables, write bench/results/. The llama.cpp baseline
+## needs llama-cpp-python, which compiles from source (about 8 minutes, once).
+bench: $(STAMP) $(LLAMA_STAMP)
+	$(PY) -m bench.engine --llamacpp-python $(LLAMA_VENV)/bin/python
+
+$(LLAMA_STAMP): bench/requirements-llamacpp.txt
+	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r bench/requirements-llamacpp.txt 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; test $${PIPESTATUS[0]} -eq 0
+	touch $(LLAMA_STAMP)
+
+llama-venv: $(LLAMA_STAMP)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -10,7 +10,9 @@ requests one after the other (closed loop, like perf_analyzer's concurrency mode
 aggregate output tokens/s, time to first token p50/p99, inter-token latency p50/p99.
 It also measures time to first token of a new ~100-token prompt at one stream and of
 the same prompt again (prefix cache). In the same run it measures transformers
-`generate` (fp32, the same prompts batched at each concurrency) as the baseline.
+`generate` (fp32, the same prompts batched at each concurrency) as the baseline, and,
+when `make llama-venv` has built it, llama.cpp on the model's original Q4_1 GGUF at one
+stream (bench/llamacpp.py).
 Writes bench/results/engine-<time>.json and .md and prints the table.
 
 Not a test: times on a shared 2-core machine are noisy; compare ratios of one run.
@@ -24,6 +26,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -89,7 +92,38 @@ async def run_level(url: str, model: str, prompts: list[list[int]], concurrency:
     return {"concurrency": concurrency, "requests": len(results), "output_tokens": tokens,
             "seconds": round(elapsed, 3), "tok_s": round(tokens / elapsed, 1),
             "ttft_p50_ms": round(pct(ttft, 50) * 1000, 1), "ttft_p99_ms": round(pct(ttft, 99) * 1000, 1),
-            "itl_p50_ms": round(pct(itl, 50) * 1000, 1), "itl_p99_ms": round(pct(itl, 99) * 1000, 1)}
+            "itl_p50_ms": round(pct(itl, 50) * 1000, 1), "itl_p99_ms": round(pct(itl, 99) * 1000, 1),
+            "decode_tok_s": round(len(itl) / sum(itl), 1) if itl else None}
+
+
+class LlamaCpp:
+    """llama.cpp (llama-cpp-python, its own venv) on the default model's Q4_1 GGUF, one
+    stream: the single-stream baseline. Runs bench/llamacpp.py in a subprocess."""
+
+    def __init__(self, python: Path, threads: int):
+        from export.default_model import fetch_default_gguf
+
+        self.python, self.threads, self.gguf = python, threads, fetch_default_gguf()
+
+    def run(self, prompts: list[list[int]], output_len: int) -> dict:
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+            json.dump(prompts, f)
+            f.flush()
+            proc = subprocess.run([str(self.python), str(REPO_ROOT / "bench" / "llamacpp.py"), str(self.gguf),
+                                   f.name, str(output_len), str(self.threads)],
+                                  capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"llama.cpp baseline failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        runs = out["runs"]
+        itl = [x / 1000 for r in runs for x in r["itl_ms"]]
+        ttft = [r["ttft_ms"] / 1000 for r in runs]
+        return {"engine": f"llama-cpp-python {out['llama_cpp_python']}, Q4_1 GGUF, {out['threads']} threads",
+                "concurrency": 1, "requests": len(runs),
+                "tok_s": round(sum(r["tokens"] for r in runs) / sum(r["seconds"] for r in runs), 1),
+                "ttft_p50_ms": round(pct(ttft, 50) * 1000, 1), "ttft_p99_ms": round(pct(ttft, 99) * 1000, 1),
+                "itl_p50_ms": round(pct(itl, 50) * 1000, 1), "itl_p99_ms": round(pct(itl, 99) * 1000, 1),
+                "decode_tok_s": round(len(itl) / sum(itl), 1)}
 
 
 async def prefix_probe(url: str, model: str, tok) -> dict:
@@ -190,6 +224,7 @@ def measure_all(args, prompts, levels, tok) -> dict:
         return [prompts[next(fresh)] for _ in range(n)]
 
     base = None if args.no_baseline else Baseline(args.threads)
+    llama = LlamaCpp(args.llamacpp_python, args.threads) if args.llamacpp_python else None
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         repo = Path(tmp) / "repo"
         names = build_repository(repo, args.precision, levels, args.threads)
@@ -214,6 +249,10 @@ def measure_all(args, prompts, levels, tok) -> dict:
                 if base and c <= 16:
                     report["baseline"][str(c)] = b = base.run(prompts[:c], args.output_len)
                     print(f"  transformers batch {c}: {b['tok_s']} tok/s", flush=True)
+                if llama and c == 1:
+                    report["llama_cpp"] = b = llama.run(take(max(args.rounds, 3)), args.output_len)
+                    print(f"  llama.cpp c=1: {b['tok_s']} tok/s, decode {b['decode_tok_s']} tok/s, "
+                          f"ITL p50 {b['itl_p50_ms']} ms", flush=True)
             for prec in args.precision:
                 report["engines"][prec]["prefix"] = asyncio.run(prefix_probe(srv.grpc_url, names[prec], tok))
     return report
@@ -231,6 +270,19 @@ def render(report: dict) -> str:
             ratio = f"{row['tok_s'] / b['tok_s']:.2f}x" if b else ""
             lines.append(f"| llm backend {prec} | {row['concurrency']} | {row['tok_s']} | {ratio} | "
                          f"{row['ttft_p50_ms']} / {row['ttft_p99_ms']} | {row['itl_p50_ms']} / {row['itl_p99_ms']} |")
+    llama = report.get("llama_cpp")
+    if llama:
+        lines += ["", "One stream against llama.cpp (decode rate = 1 / mean time between tokens):", "",
+                  "| engine | output tok/s | decode tok/s | vs llama.cpp decode | TTFT p50 ms | ITL p50 / p99 ms |",
+                  "|---|---|---|---|---|---|",
+                  f"| {llama['engine']} | {llama['tok_s']} | {llama['decode_tok_s']} | 1.00x | "
+                  f"{llama['ttft_p50_ms']} | {llama['itl_p50_ms']} / {llama['itl_p99_ms']} |"]
+        for prec, res in report["engines"].items():
+            for row in res["levels"]:
+                if row["concurrency"] == 1 and row.get("decode_tok_s"):
+                    lines.append(f"| llm backend {prec} | {row['tok_s']} | {row['decode_tok_s']} | "
+                                 f"{row['decode_tok_s'] / llama['decode_tok_s']:.2f}x | {row['ttft_p50_ms']} | "
+                                 f"{row['itl_p50_ms']} / {row['itl_p99_ms']} |")
     lines.append("")
     lines.append("| engine | new prompt: tokens, TTFT ms | repeated prefix (prompt cache): TTFT ms |")
     lines.append("|---|---|---|")
@@ -252,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="requests per client (concurrency <= 16)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--no-baseline", action="store_true")
+    default_llama = REPO_ROOT / ".cache" / "llama-venv" / "bin" / "python"
+    ap.add_argument("--llamacpp-python", type=Path, default=default_llama if default_llama.exists() else None,
+                    help="python of a venv with llama-cpp-python (make llama-venv; default: "
+                         ".cache/llama-venv if present, else no llama.cpp baseline)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     levels = sorted(set(args.concurrency + ([64] if args.with_64 else [])))
@@ -270,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     table = render(report)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"engine-{stamp}.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / f"engine-{stamp}.json").write_text(json.dumps(report, indent=1, default=str))
     (RESULTS / f"engine-{stamp}.md").write_text(
         f"# bench.engine {report['date']}\n\n{args.prompt_len} prompt tokens, {args.output_len} output tokens, "
         f"greedy, {args.threads} threads, clients staggered by {args.stagger}s.\n\n{table}\n")

