@@ -2,9 +2,9 @@
 
 Every MatMul with a constant 2-D weight becomes
 
-    x ─ Abs ─ ReduceMax(last axis) ─ ×1/127 ─▶ s          (one scale per row of x)
-    x ─ QuantizeLinear(scale s, blocks of the whole row) ─▶ int8 ─┐
-                       int8 weights, one scale per output column ─┴ MatMulIntegerToFloat ─ ×s ─▶ y
+    x ─ Abs ─ ReduceMax(last axis) ─▶ m                   (one absolute maximum per row)
+    x ─ ÷m ─ QuantizeLinear(1/127, zero point 128) ─▶ uint8 ─┐
+    int8 weights, one scale per output column (÷127 folded in) ─┴ MatMulIntegerToFloat ─ ×m ─▶ y
 
 the scheme vLLM calls W8A8-INT8 with dynamic per-token activations. Why here: on this
 machine onnxruntime's int8 GEMM (MLAS QGEMM, AVX-512 VNNI / AMX) runs the decoder's
@@ -75,24 +75,26 @@ def rewrite_w8a8(model) -> dict:
         p = f"{node.name}/w8a8"
         weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes]
         q, scale = quantize_weight(np.concatenate(weights, axis=1))
+        # x/m is in [-1, 1]: quantized with scale 1/127, so the activation's own scale is
+        # m/127; its 1/127 goes into the weight scales and m is applied after the product
+        # (one node fewer per activation than dividing by m/127).
         g.initializer.extend([numpy_helper.from_array(q, f"{p}/weight"),
-                              numpy_helper.from_array(scale, f"{p}/weight_scale")])
+                              numpy_helper.from_array(scale / np.float32(127.0), f"{p}/weight_scale")])
         outputs = [n.output[0] for n in nodes]
         y = outputs[0] if len(nodes) == 1 else f"{p}/y"
         new_nodes += [
             helper.make_node("Abs", [x], [f"{p}/abs"], name=f"{p}/Abs"),
             helper.make_node("ReduceMax", [f"{p}/abs", "w8a8/axes"], [f"{p}/absmax"], keepdims=1,
                              name=f"{p}/ReduceMax"),
-            helper.make_node("Mul", [f"{p}/absmax", "w8a8/inv127"], [f"{p}/row_scale"], name=f"{p}/RowScale"),
-            # An all-zero row has scale 0: 0/0 quantizes to some finite value, and the
+            # An all-zero row has m = 0: 0/0 quantizes to some finite value, and the
             # final x0 makes its output exactly 0, as it should be.
-            helper.make_node("Div", [x, f"{p}/row_scale"], [f"{p}/x_scaled"], name=f"{p}/Div"),
-            helper.make_node("QuantizeLinear", [f"{p}/x_scaled", "w8a8/one", "w8a8/zero_point"],
+            helper.make_node("Div", [x, f"{p}/absmax"], [f"{p}/x_scaled"], name=f"{p}/Div"),
+            helper.make_node("QuantizeLinear", [f"{p}/x_scaled", "w8a8/inv127", "w8a8/zero_point"],
                              [f"{p}/x_uint8"], name=f"{p}/QuantizeLinear"),
             helper.make_node("MatMulIntegerToFloat", [f"{p}/x_uint8", f"{p}/weight", "w8a8/one",
                                                       f"{p}/weight_scale", "w8a8/zero_point"],
                              [f"{p}/y_unscaled"], domain=DOMAIN, name=f"{p}/MatMulIntegerToFloat"),
-            helper.make_node("Mul", [f"{p}/y_unscaled", f"{p}/row_scale"], [y], name=f"{p}/Mul"),
+            helper.make_node("Mul", [f"{p}/y_unscaled", f"{p}/absmax"], [y], name=f"{p}/Mul"),
         ]
         if len(nodes) > 1:
             fused += 1
