@@ -28,6 +28,8 @@ import numpy as np
 
 OPSET = 18          # ReduceMax with axes as an input
 DOMAIN = "com.microsoft"
+# Recorded in the manifest: a cached export made with another scheme is rebuilt.
+SCHEME = "w8a8: int8 weights per output column, int8 activations per row (absmax), v2"
 
 
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +114,8 @@ def rewrite_w8a8(model) -> dict:
             op.version = max(op.version, OPSET)
     if not any(op.domain == DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    return {"quantized_matmuls": len(replaced), "int8_products": len(groups), "fused_groups": fused}
+    return {"scheme": SCHEME, "quantized_matmuls": len(replaced), "int8_products": len(groups),
+            "fused_groups": fused}
 
 
 def quantize_export(version_dir: Path, onnx_name: str = "model.onnx") -> dict:

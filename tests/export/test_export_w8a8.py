@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from export.cli import main as export_main
-from export.w8a8 import quantize_weight, rewrite_w8a8
+from export.w8a8 import SCHEME, quantize_weight, rewrite_w8a8
 
 K, N1, N2 = 64, 48, 80
 
@@ -50,7 +50,7 @@ def quantized():
 
 def test_rewrite_counts_and_fuses_matmuls_that_share_an_input(quantized):
     _, _, stats, model = quantized
-    assert stats == {"quantized_matmuls": 3, "int8_products": 2, "fused_groups": 1}
+    assert stats == {"scheme": SCHEME, "quantized_matmuls": 3, "int8_products": 2, "fused_groups": 1}
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("MatMulIntegerToFloat") == 2 and "MatMul" not in ops and ops.count("Split") == 1
     names = {t.name for t in model.graph.initializer}
