@@ -1,6 +1,6 @@
 """Benchmark of the `llm` model in a real tritonserver against transformers `generate`.
 
-    python -m bench.engine [--precision w8a8 int4] [--concurrency 1 4 16] [--with-64]
+    python -m bench.engine [--precision w8a8 int4] [--concurrency 1 4 16 64]
 
 For each export precision it starts tritonserver on the default model, drives it over
 gRPC streams (llm_backend.client, async) at each concurrency with fixed prompt and
@@ -296,8 +296,7 @@ def render(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--precision", nargs="+", default=["w8a8", "int4"], choices=["w8a8", "int4", "fp32", "int8"])
-    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
-    ap.add_argument("--with-64", action="store_true", help="add concurrency 64 (slow on 2 cores)")
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
     ap.add_argument("--prompt-len", type=int, default=38)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--stagger", type=float, default=0.1, help="seconds between client starts")
@@ -310,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                          ".cache/llama-venv if present, else no llama.cpp baseline)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    levels = sorted(set(args.concurrency + ([64] if args.with_64 else [])))
+    levels = sorted(set(args.concurrency))
 
     from llm_backend.service import load_tokenizer
     from stack.default_model import ensure_default_model
