@@ -294,8 +294,11 @@ def render(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stack.default_model import DEFAULT_PRECISION
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--precision", nargs="+", default=["w8a8", "int4"], choices=["w8a8", "int4", "fp32", "int8"])
+    ap.add_argument("--precision", nargs="+", default=list(dict.fromkeys([DEFAULT_PRECISION, "int4"])),
+                    choices=["w8a8", "int4", "fp32", "int8"])
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
     ap.add_argument("--prompt-len", type=int, default=38)
     ap.add_argument("--output-len", type=int, default=64)

@@ -20,6 +20,7 @@ gate and up projections) are fused into one wider product and split after it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -28,8 +29,9 @@ import numpy as np
 
 OPSET = 18          # ReduceMax with axes as an input
 DOMAIN = "com.microsoft"
-# Recorded in the manifest: a cached export made with another scheme is rebuilt.
-SCHEME = "w8a8: int8 weights per output column, int8 activations per row (absmax), v2"
+# Recorded in the manifest; a cached export made by another version of this file is rebuilt.
+SCHEME = ("w8a8: int8 weights per output column, int8 activations per row (absmax); rewrite "
+          + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12])
 
 
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -54,6 +56,10 @@ def rewrite_w8a8(model) -> dict:
     from onnx import helper, numpy_helper
 
     g = model.graph
+    opset = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), 0)
+    if opset < OPSET:
+        raise ValueError(f"the graph uses ONNX opset {opset}; the W8A8 rewrite needs {OPSET} or newer "
+                         "(ReduceMax with axes as an input)")
     inits = {t.name: t for t in g.initializer}
     groups = _weight_matmuls(g, inits)
     if not groups:
@@ -62,19 +68,20 @@ def rewrite_w8a8(model) -> dict:
               "axes": np.array([-1], np.int64), "zero_point": np.array(128, np.uint8)}
     g.initializer.extend(numpy_helper.from_array(v, f"w8a8/{k}") for k, v in consts.items())
 
-    first_of_group = {nodes[0].name: x for x, nodes in groups.items()}
-    replaced = {n.name for nodes in groups.values() for n in nodes}
+    # Nodes are keyed by their output: ONNX node names are optional and need not be unique.
+    first_of_group = {nodes[0].output[0]: x for x, nodes in groups.items()}
+    replaced = {n.output[0] for nodes in groups.values() for n in nodes}
     dead_weights = {n.input[1] for nodes in groups.values() for n in nodes}
     new_nodes, fused = [], 0
     for node in g.node:
-        if node.name not in replaced:
+        if node.output[0] not in replaced:
             new_nodes.append(node)
             continue
-        if node.name not in first_of_group:
+        if node.output[0] not in first_of_group:
             continue                                  # emitted with its group
-        x = first_of_group[node.name]
+        x = first_of_group[node.output[0]]
         nodes = groups[x]
-        p = f"{node.name}/w8a8"
+        p = f"{node.output[0]}/w8a8"
         weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes]
         q, scale = quantize_weight(np.concatenate(weights, axis=1))
         # x/m is in [-1, 1]: quantized with scale 1/127, so the activation's own scale is
@@ -109,9 +116,6 @@ def rewrite_w8a8(model) -> dict:
     g.initializer.extend(kept)
     del g.node[:]
     g.node.extend(new_nodes)
-    for op in model.opset_import:
-        if op.domain in ("", "ai.onnx"):
-            op.version = max(op.version, OPSET)
     if not any(op.domain == DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return {"scheme": SCHEME, "quantized_matmuls": len(replaced), "int8_products": len(groups),

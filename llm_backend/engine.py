@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,34 @@ def cpu_count() -> int:
 
 class ModelLoadError(RuntimeError):
     """The model directory's artifacts are missing, unreadable or inconsistent."""
+
+
+# CPU features with an exact 8-bit dot product (32-bit accumulation).
+VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
+def int8_gemm_is_exact(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Can onnxruntime's u8s8 GEMM (W8A8 exports) run exactly on this CPU?
+
+    On x86 without VNNI, MLAS multiplies with `vpmaddubsw`, whose 16-bit sums of
+    product pairs saturate for full-range 8-bit weights: the results would be silently
+    wrong (onnxruntime's quantization docs: use 7-bit weights there; on SmolLM2 that
+    moved the next-token distribution by 0.3 nats, so we refuse instead). ARM's
+    dot-product instructions accumulate in 32 bits. Unknown: assumed exact."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    try:
+        with open(cpuinfo) as f:
+            line = next((line for line in f if line.startswith("flags")), None)
+    except OSError:
+        return True
+    return line is None or bool(set(line.split(":", 1)[1].split()) & VNNI_FLAGS)
+
+
+def graph_op_types(onnx_path: Path) -> set[str]:
+    import onnx
+
+    return {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node}
 
 
 def _head_input(graph) -> tuple[str, object] | None:
@@ -152,6 +181,10 @@ class Decoder:
         if not onnx_path.is_file():
             raise ModelLoadError(f"missing ONNX model {onnx_path}")
         self.device = device
+        if device == "cpu" and not int8_gemm_is_exact() and "MatMulIntegerToFloat" in graph_op_types(onnx_path):
+            raise ModelLoadError(f"{onnx_path} is a W8A8 export, and this CPU has no VNNI (AVX512-VNNI, "
+                                 "AVX-VNNI or AMX): onnxruntime's int8 GEMM would saturate and give wrong "
+                                 "results here. Serve an int4 or fp32 export on this machine.")
         threads = intra_op_threads or cpu_count()
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads   # explicit: the default was 1.5-1.8x slower here
@@ -263,7 +296,11 @@ class Decoder:
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", mask)
         session.run_with_iobinding(binding)
-        return np.array(binding.get_outputs()[0].numpy(), dtype=np.float32)   # a copy, fp32
+        logits = np.array(binding.get_outputs()[0].numpy(), dtype=np.float32)   # a copy, fp32
+        # Bound anew (same place in the order): otherwise onnxruntime would take this run's
+        # logits as a preallocated output, fixing its shape and keeping it alive per binding.
+        binding.bind_output("logits", "cpu")
+        return logits
 
     def prefill(self, row: int, tokens: list[int] | np.ndarray, past_len: int) -> np.ndarray:
         """Run `tokens` on row `row`, whose first `past_len` positions are already filled.

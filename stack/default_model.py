@@ -7,7 +7,7 @@ Every later call (any repository, any process) hard-links that cached version
 into the repository and re-renders config.pbtxt with the caller's engine
 overrides, which takes milliseconds.
 
-    python -m stack.default_model [--precision w8a8] [--repository model_repository]
+    python -m stack.default_model [--precision w8a8|int4|fp32|int8] [--repository model_repository]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from export.onnx_build import builder_options
 from export.pipeline import ExportOptions, apply_overrides, instance_kind, run_export
 from export.publish import link_or_copy, publish_version, staging, versions, write_config
 from export.w8a8 import SCHEME as W8A8_SCHEME
+from llm_backend.engine import int8_gemm_is_exact
 from llm_backend.model_config import EngineParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +92,11 @@ def _is_current(version_dir: Path, precision: str) -> bool:
             and m.get("tools") == tool_versions())  # a bumped pin means a new export
 
 
-def ensure_default_model(repository: Path, precision: str = "w8a8", name: str = MODEL_ID,
+# W8A8 is the fastest export here, but needs a CPU with an exact int8 dot product.
+DEFAULT_PRECISION = "w8a8" if int8_gemm_is_exact() else "int4"
+
+
+def ensure_default_model(repository: Path, precision: str | None = None, name: str = MODEL_ID,
                          **engine_overrides) -> Path:
     """Return `repository/name`, exported (verified, cached) on first use.
 
@@ -102,6 +107,7 @@ def ensure_default_model(repository: Path, precision: str = "w8a8", name: str = 
     (and left untouched when nothing changed).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    precision = precision or DEFAULT_PRECISION
     repository = Path(repository)
     model_dir = repository / name
     instance_count = int(engine_overrides.pop("instance_count", 1))
@@ -148,7 +154,8 @@ def _write_config(model_dir: Path, name: str, manifest: dict, overrides: dict, i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Export the default model into a model repository.")
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
-    parser.add_argument("--precision", choices=["w8a8", "fp32", "int4", "int8"], default="w8a8")
+    parser.add_argument("--precision", choices=["w8a8", "fp32", "int4", "int8"], default=DEFAULT_PRECISION,
+                        help=f"default {DEFAULT_PRECISION} (w8a8 where the CPU has VNNI, else int4)")
     parser.add_argument("--name", default=MODEL_ID)
     args = parser.parse_args(argv)
     model_dir = ensure_default_model(args.repository, args.precision, args.name)

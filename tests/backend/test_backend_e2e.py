@@ -1,9 +1,9 @@
 """The `llm` model in a real tritonserver (CPU), driven over gRPC streams.
 
 One server per module serves four models: the default model in fp32 (parity with
-transformers), its W8A8 export (the default precision) with 16 slots, a W8A8 copy with
-one slot and a one-place queue (capacity), and a model whose ONNX file is corrupt (must
-fail to load, clearly, and not be ready).
+transformers), its W8A8 export (the default precision; int4 on a CPU without VNNI) with
+16 slots, a copy of that with one slot and a one-place queue (capacity), and a model
+whose ONNX file is corrupt (must fail to load, clearly, and not be ready).
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ import tritonclient.grpc.aio as grpcclient
 
 from llm_backend.client import generate
 from llm_backend.model_config import EngineParams, render_config_pbtxt
-from stack.default_model import ensure_default_model
+from stack.default_model import DEFAULT_PRECISION, ensure_default_model
 from stack.triton import TritonServer
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m-instruct"
 SMALL = "smollm-one-slot"
-W8A8 = "smollm-w8a8"
+W8A8 = "smollm-w8a8"     # DEFAULT_PRECISION: w8a8 where the CPU has VNNI
+w8a8_only = pytest.mark.skipif(DEFAULT_PRECISION != "w8a8", reason="no VNNI on this CPU: no W8A8 model")
 BROKEN = "smollm-broken"
 
 
@@ -48,14 +49,15 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("backend-e2e")
     repo = root / "repo"
     ensure_default_model(repo, precision="fp32", max_model_len=512, max_num_seqs=16, max_queue_size=64)
-    w8a8 = ensure_default_model(root / "w8a8", precision="w8a8") / "1"
+    default = ensure_default_model(root / "default", precision=DEFAULT_PRECISION) / "1"
     for name, params in ((W8A8, dict(max_num_seqs=16, max_queue_size=64, max_model_len=512)),
                          (SMALL, dict(max_num_seqs=1, max_queue_size=1, max_model_len=256))):
-        _link_version(w8a8, repo / name / "1")
-        (repo / name / "config.pbtxt").write_text(render_config_pbtxt(name, EngineParams(precision="w8a8", **params)))
+        _link_version(default, repo / name / "1")
+        (repo / name / "config.pbtxt").write_text(render_config_pbtxt(
+            name, EngineParams(precision=DEFAULT_PRECISION, **params)))
     broken = repo / BROKEN / "1"
     broken.mkdir(parents=True)
-    for f in w8a8.iterdir():
+    for f in default.iterdir():
         if f.name.startswith("model.onnx"):
             (broken / f.name).write_bytes(b"not an onnx model")
         else:
@@ -116,7 +118,7 @@ async def test_greedy_matches_transformers(client, hf_greedy):
         assert streamed.finish_reason in ("stop", "length") and streamed.num_input_tokens > 0
 
 
-@pytest.mark.parametrize("model", [MODEL, W8A8])
+@pytest.mark.parametrize("model", [MODEL, pytest.param(W8A8, marks=w8a8_only)])
 async def test_sixteen_concurrent_streams_equal_one_at_a_time(client, model):
     prompts = [PROMPTS[i % 4] + (" " * (i // 4)) for i in range(16)]   # 16 distinct prompts
     alone = [(await generate(client, model, p, max_tokens=20)).text for p in prompts]
@@ -131,6 +133,7 @@ async def test_sixteen_concurrent_streams_equal_one_at_a_time(client, model):
     assert len(set(alone)) > 4                                       # real, distinct answers
 
 
+@w8a8_only
 async def test_w8a8_sampled_streams_with_a_seed_repeat_under_load(client):
     """Same seed, same text, whether the request runs alone or beside 7 others."""
     prompt = PROMPTS[1]

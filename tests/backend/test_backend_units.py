@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from llm_backend.detokenizer import IncrementalDetokenizer, StopStringBuffer
+from llm_backend.engine import int8_gemm_is_exact
 from llm_backend.prefix_cache import PrefixCache
 from llm_backend.protocol import ResponseSink, parse_request
 from llm_backend.sampling import Sampler, SamplingParams
@@ -432,6 +433,7 @@ def test_kv_budget_in_slots():
         kv_slots(EngineParams(kv_cache_mb=50), row)
 
 
+@pytest.mark.slow
 def test_prompt_logits_do_not_depend_on_how_the_prompt_was_split(tmp_path):
     """A prefix-cache hit (or a chunk boundary) leaves a short tail to prefill. It ran in
     the int8-activation decode graph while a whole prompt ran in the fp32 prefill graph:
@@ -450,6 +452,8 @@ def test_prompt_logits_do_not_depend_on_how_the_prompt_was_split(tmp_path):
     assert np.array_equal(whole, tail)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not int8_gemm_is_exact(), reason="no VNNI on this CPU")
 def test_w8a8_rows_are_bit_identical_alone_batched_or_split(tmp_path):
     """W8A8 quantizes each row's activations on its own and accumulates in integers, so a
     sequence's logits do not depend on its neighbours in the batch or on how its prompt
@@ -475,6 +479,23 @@ def test_w8a8_rows_are_bit_identical_alone_batched_or_split(tmp_path):
     alone = dec.decode(np.array([42]), np.array([37]))[0]
     batched = dec.decode(np.array([42, 42, 7, 9]), np.array([37] * 4))
     assert np.array_equal(batched[0], alone) and np.array_equal(batched[1], alone)
+
+
+@pytest.mark.slow
+def test_logits_of_any_shape_through_a_kept_binding(tmp_path, monkeypatch):
+    """Without the last-position slice (a graph whose head was not found) every prefill
+    returns logits of its own length through the same kept io_binding."""
+    import llm_backend.engine as engine
+    from stack.default_model import ensure_default_model
+
+    version = ensure_default_model(tmp_path / "repo") / "1"
+    sliced = engine.Decoder(version, num_slots=1, max_len=64, intra_op_threads=2)
+    monkeypatch.setattr(engine, "_head_input", lambda graph: None)
+    whole = engine.Decoder(version, num_slots=1, max_len=64, intra_op_threads=2)
+    for n in (5, 9, 3):
+        prompt = list(range(2000, 2000 + n))
+        assert np.allclose(whole.prefill(0, prompt, 0), sliced.prefill(0, prompt, 0), atol=1e-4)
+    assert len(whole._bindings) == 1
 
 
 def test_error_to_a_cancelled_request_is_the_bare_final_flag(monkeypatch):
