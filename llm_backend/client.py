@@ -55,6 +55,7 @@ class Result:
     final: bool = False
     start: float = 0.0
     times: list[float] = field(default_factory=list)   # arrival of each non-empty piece
+    finished_at: float | None = None                    # arrival of the finish_reason
     logprobs: list[float] = field(default_factory=list)
 
     @property
@@ -99,6 +100,7 @@ async def generate(client: grpcclient.InferenceServerClient, model: str, prompt:
             fr = result.as_numpy("finish_reason")
             if fr is not None:
                 res.finish_reason = fr.reshape(-1)[0].decode()
+                res.finished_at = time.perf_counter()
             lp = result.as_numpy("output_log_probs")
             if lp is not None:
                 res.logprobs += lp.reshape(-1).tolist()
