@@ -1,9 +1,10 @@
 """The `llm` model in a real tritonserver (CPU), driven over gRPC streams.
 
-One server per module serves four models: the default model in fp32 (parity with
+One server per module serves five models: the default model in fp32 (parity with
 transformers), its W8A8 export (the default precision; int4 on a CPU without VNNI) with
-16 slots, a copy of that with one slot and a one-place queue (capacity), and a model
-whose ONNX file is corrupt (must fail to load, clearly, and not be ready).
+16 slots, its int4 export (a second, prefill session), a copy of the default with one
+slot and a one-place queue (capacity), and a model whose ONNX file is corrupt (must fail
+to load, clearly, and not be ready).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.e2e
 MODEL = "smollm2-135m-instruct"
 SMALL = "smollm-one-slot"
 W8A8 = "smollm-w8a8"     # DEFAULT_PRECISION: w8a8 where the CPU has VNNI
+INT4 = "smollm-int4"
 w8a8_only = pytest.mark.skipif(DEFAULT_PRECISION != "w8a8", reason="no VNNI on this CPU: no W8A8 model")
 BROKEN = "smollm-broken"
 
@@ -50,11 +52,13 @@ def server(tmp_path_factory):
     repo = root / "repo"
     ensure_default_model(repo, precision="fp32", max_model_len=512, max_num_seqs=16, max_queue_size=64)
     default = ensure_default_model(root / "default", precision=DEFAULT_PRECISION) / "1"
-    for name, params in ((W8A8, dict(max_num_seqs=16, max_queue_size=64, max_model_len=512)),
-                         (SMALL, dict(max_num_seqs=1, max_queue_size=1, max_model_len=256))):
-        _link_version(default, repo / name / "1")
-        (repo / name / "config.pbtxt").write_text(render_config_pbtxt(
-            name, EngineParams(precision=DEFAULT_PRECISION, **params)))
+    int4 = ensure_default_model(root / "int4", precision="int4") / "1"
+    for name, version, params in (
+            (W8A8, default, dict(precision=DEFAULT_PRECISION, max_num_seqs=16, max_queue_size=64, max_model_len=512)),
+            (INT4, int4, dict(precision="int4", max_num_seqs=16, max_queue_size=64, max_model_len=512)),
+            (SMALL, default, dict(precision=DEFAULT_PRECISION, max_num_seqs=1, max_queue_size=1, max_model_len=256))):
+        _link_version(version, repo / name / "1")
+        (repo / name / "config.pbtxt").write_text(render_config_pbtxt(name, EngineParams(**params)))
     broken = repo / BROKEN / "1"
     broken.mkdir(parents=True)
     for f in default.iterdir():
@@ -118,7 +122,7 @@ async def test_greedy_matches_transformers(client, hf_greedy):
         assert streamed.finish_reason in ("stop", "length") and streamed.num_input_tokens > 0
 
 
-@pytest.mark.parametrize("model", [MODEL, pytest.param(W8A8, marks=w8a8_only)])
+@pytest.mark.parametrize("model", [MODEL, pytest.param(W8A8, marks=w8a8_only), INT4])
 async def test_sixteen_concurrent_streams_equal_one_at_a_time(client, model):
     prompts = [PROMPTS[i % 4] + (" " * (i // 4)) for i in range(16)]   # 16 distinct prompts
     alone = [(await generate(client, model, p, max_tokens=20)).text for p in prompts]
