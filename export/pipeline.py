@@ -18,10 +18,21 @@ from .onnx_build import BuildError, builder_options, run_builder
 from .pad_heads import head_dim, padded_head_dim, write_padded_checkpoint
 from .publish import publish_version, staging, write_config
 from .validate import Checkpoint, validate_checkpoint
+from .graph_rewrite import FUSE_SCHEME, fuse_export
+from .w8a8 import SCHEME as W8A8_SCHEME
 from .w8a8 import quantize_export
 
 # Precisions we make ourselves from the builder's output: w8a8 is the fp32 graph rewritten.
 BUILDER_PRECISION = {"w8a8": "fp32"}
+
+
+def rewrite_scheme(precision: str, device: str) -> str | None:
+    """The rewrite applied after the builder (recorded in the manifest as quantization.scheme)."""
+    if precision == "w8a8":
+        return W8A8_SCHEME
+    if device == "cpu" and precision in ("int4", "int8"):
+        return FUSE_SCHEME          # measured on the CPU only
+    return None
 
 # Checkpoint files that travel with the artifacts (the backend tokenizes with them).
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -149,9 +160,12 @@ def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportRe
                               opts.device, stage / "builder.log", extra)
         progress(opts, f"exported in {build_s:.1f} s")
         quantization = None
-        if opts.precision == "w8a8":
+        scheme = rewrite_scheme(opts.precision, opts.device)
+        if scheme == W8A8_SCHEME:
             progress(opts, "quantizing to W8A8 (int8 weights per column, int8 activations per row)")
             quantization = quantize_export(version_dir)
+        elif scheme == FUSE_SCHEME:
+            quantization = fuse_export(version_dir)
         stage_files(ckpt, version_dir)
         sizes = check_artifacts(version_dir)
         progress(opts, "computing the source weights checksum")

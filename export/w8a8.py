@@ -21,17 +21,18 @@ gate and up projections) are fused into one wider product and split after it.
 from __future__ import annotations
 
 import hashlib
-import os
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from .graph_rewrite import drop_unused_initializers, group_by_input, replace_groups, rewrite_in_place, split_node
+
 OPSET = 18          # ReduceMax with axes as an input
 DOMAIN = "com.microsoft"
-# Recorded in the manifest; a cached export made by another version of this file is rebuilt.
+# Recorded in the manifest; a cached export made by another version of the rewrite is rebuilt.
 SCHEME = ("w8a8: int8 weights per output column, int8 activations per row (absmax); rewrite "
-          + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12])
+          + hashlib.sha256(Path(__file__).read_bytes()
+                           + (Path(__file__).parent / "graph_rewrite.py").read_bytes()).hexdigest()[:12])
 
 
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -39,16 +40,6 @@ def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.maximum(np.abs(w).max(axis=0), np.finfo(np.float32).tiny) / 127.0
     q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
     return q, scale.astype(np.float32)
-
-
-def _weight_matmuls(graph, initializers: dict) -> dict[str, list]:
-    """MatMul nodes with a constant 2-D weight, grouped by the activation they read."""
-    groups: dict[str, list] = defaultdict(list)
-    for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1] in initializers \
-                and len(initializers[node.input[1]].dims) == 2:
-            groups[node.input[0]].append(node)
-    return groups
 
 
 def rewrite_w8a8(model) -> dict:
@@ -61,27 +52,20 @@ def rewrite_w8a8(model) -> dict:
         raise ValueError(f"the graph uses ONNX opset {opset}; the W8A8 rewrite needs {OPSET} or newer "
                          "(ReduceMax with axes as an input)")
     inits = {t.name: t for t in g.initializer}
-    groups = _weight_matmuls(g, inits)
+
+    def key(node):   # MatMuls with a constant 2-D weight, by the activation they read
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" else None
+        return node.input[0] if weight is not None and len(weight.dims) == 2 else None
+
+    groups = group_by_input(g, key)
     if not groups:
         raise ValueError("the graph has no MatMul with a constant weight to quantize")
     consts = {"inv127": np.array(1 / 127, np.float32), "one": np.array(1.0, np.float32),
               "axes": np.array([-1], np.int64), "zero_point": np.array(128, np.uint8)}
     g.initializer.extend(numpy_helper.from_array(v, f"w8a8/{k}") for k, v in consts.items())
 
-    # Nodes are keyed by their output: ONNX node names are optional and need not be unique.
-    first_of_group = {nodes[0].output[0]: x for x, nodes in groups.items()}
-    replaced = {n.output[0] for nodes in groups.values() for n in nodes}
-    dead_weights = {n.input[1] for nodes in groups.values() for n in nodes}
-    new_nodes, fused = [], 0
-    for node in g.node:
-        if node.output[0] not in replaced:
-            new_nodes.append(node)
-            continue
-        if node.output[0] not in first_of_group:
-            continue                                  # emitted with its group
-        x = first_of_group[node.output[0]]
-        nodes = groups[x]
-        p = f"{node.output[0]}/w8a8"
+    def emit(nodes):
+        x, p = nodes[0].input[0], f"{nodes[0].output[0]}/w8a8"
         weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in nodes]
         q, scale = quantize_weight(np.concatenate(weights, axis=1))
         # x/m is in [-1, 1]: quantized with scale 1/127, so the activation's own scale is
@@ -91,7 +75,7 @@ def rewrite_w8a8(model) -> dict:
                               numpy_helper.from_array(scale / np.float32(127.0), f"{p}/weight_scale")])
         outputs = [n.output[0] for n in nodes]
         y = outputs[0] if len(nodes) == 1 else f"{p}/y"
-        new_nodes += [
+        out = [
             helper.make_node("Abs", [x], [f"{p}/abs"], name=f"{p}/Abs"),
             helper.make_node("ReduceMax", [f"{p}/abs", "w8a8/axes"], [f"{p}/absmax"], keepdims=1,
                              name=f"{p}/ReduceMax"),
@@ -106,41 +90,17 @@ def rewrite_w8a8(model) -> dict:
             helper.make_node("Mul", [f"{p}/y_unscaled", f"{p}/absmax"], [y], name=f"{p}/Mul"),
         ]
         if len(nodes) > 1:
-            fused += 1
-            widths = np.array([w.shape[1] for w in weights], np.int64)
-            g.initializer.append(numpy_helper.from_array(widths, f"{p}/split"))
-            new_nodes.append(helper.make_node("Split", [y, f"{p}/split"], outputs, axis=-1, name=f"{p}/Split"))
-    still_read = {i for n in new_nodes for i in n.input}
-    kept = [t for t in g.initializer if t.name not in dead_weights or t.name in still_read]
-    del g.initializer[:]
-    g.initializer.extend(kept)
-    del g.node[:]
-    g.node.extend(new_nodes)
+            out.append(split_node(g, y, outputs, [w.shape[1] for w in weights], p))
+        return out
+
+    fused = replace_groups(g, groups, emit)
+    drop_unused_initializers(g, {n.input[1] for nodes in groups.values() for n in nodes})
     if not any(op.domain == DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    return {"scheme": SCHEME, "quantized_matmuls": len(replaced), "int8_products": len(groups),
-            "fused_groups": fused}
+    return {"scheme": SCHEME, "quantized_matmuls": sum(len(nodes) for nodes in groups.values()),
+            "int8_products": len(groups), "fused_groups": fused}
 
 
-def quantize_export(version_dir: Path, onnx_name: str = "model.onnx") -> dict:
+def quantize_export(version_dir: Path) -> dict:
     """Rewrite `version_dir/model.onnx` (+ its external data) to W8A8 in place."""
-    import onnx
-
-    path = Path(version_dir) / onnx_name
-    data_name = onnx_name + ".data"
-    model = onnx.load(str(path))                      # with its external weights
-    stats = rewrite_w8a8(model)
-    tmp = path.with_name(onnx_name + ".w8a8.tmp")
-    tmp_data = data_name + ".w8a8.tmp"
-    onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=tmp_data, size_threshold=1024)
-    # point the graph at the final data file name, then swap both files in
-    saved = onnx.load(str(tmp), load_external_data=False)
-    for tensor in saved.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = data_name
-    onnx.save_model(saved, str(tmp))
-    os.replace(Path(version_dir) / tmp_data, Path(version_dir) / data_name)
-    os.replace(tmp, path)
-    return stats
+    return rewrite_in_place(version_dir, rewrite_w8a8)

@@ -35,7 +35,9 @@ def test_default_model_fp32_parity(tmp_path):
 
 def test_default_model_int4_parity(tmp_path):
     model_dir = ensure_default_model(tmp_path, precision="int4")
-    v = manifest(model_dir)["verification"]
+    m = manifest(model_dir)
+    assert m["quantization"]["fused_groups"] == 30          # gate+up of each layer (graph_rewrite)
+    v = m["verification"]
     print("int4 parity:", json.dumps({"logits": v["logits"], "greedy": v["greedy"]}))
     assert v["status"] == "passed"
     assert v["logits"]["kl_max"] <= CRITERIA["int4"].max_kl
