@@ -95,10 +95,14 @@ async def run_level(url: str, model: str, prompts: list[list[int]], concurrency:
     spans = [(r.num_output_tokens - 1, r.finished_at - r.times[0]) for r in results
              if r.times and r.finished_at and r.num_output_tokens > 1]
     return {"concurrency": concurrency, "requests": len(results), "output_tokens": tokens,
-            "seconds": round(elapsed, 3), "tok_s": round(tokens / elapsed, 1),
-            "ttft_p50_ms": round(pct(ttft, 50) * 1000, 1), "ttft_p99_ms": round(pct(ttft, 99) * 1000, 1),
-            "itl_p50_ms": round(pct(itl, 50) * 1000, 1), "itl_p99_ms": round(pct(itl, 99) * 1000, 1),
+            "seconds": round(elapsed, 3), "tok_s": round(tokens / elapsed, 1), **latencies(ttft, itl),
             "decode_tok_s": round(sum(n for n, _ in spans) / sum(t for _, t in spans), 1) if spans else None}
+
+
+def latencies(ttft: list[float], itl: list[float]) -> dict:
+    """p50/p99 of time to first token and inter-token latency (seconds in, ms out)."""
+    return {f"{name}_p{q}_ms": round(pct(values, q) * 1000, 1)
+            for name, values in (("ttft", ttft), ("itl", itl)) for q in (50, 99)}
 
 
 class LlamaCpp:
@@ -126,9 +130,7 @@ class LlamaCpp:
         return {"engine": f"llama-cpp-python {out['llama_cpp_python']}, Q4_1 GGUF, {out['threads']} threads",
                 "concurrency": 1, "requests": len(runs),
                 "tok_s": round(sum(r["tokens"] for r in runs) / sum(r["seconds"] for r in runs), 1),
-                "ttft_p50_ms": round(pct(ttft, 50) * 1000, 1), "ttft_p99_ms": round(pct(ttft, 99) * 1000, 1),
-                "itl_p50_ms": round(pct(itl, 50) * 1000, 1), "itl_p99_ms": round(pct(itl, 99) * 1000, 1),
-                "decode_tok_s": round(len(itl) / sum(itl), 1)}
+                **latencies(ttft, itl), "decode_tok_s": round(len(itl) / sum(itl), 1)}
 
 
 async def prefix_probe(url: str, model: str, tok) -> dict:
