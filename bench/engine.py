@@ -12,7 +12,7 @@ It also measures time to first token of a new ~100-token prompt at one stream an
 the same prompt again (prefix cache). In the same run it measures transformers
 `generate` (fp32, the same prompts batched at each concurrency) as the baseline, and,
 when `make llama-venv` has built it, llama.cpp on the model's original Q4_1 GGUF at one
-stream (bench/llamacpp.py).
+stream (bench/llamacpp.py), taking turns with the engines' one-stream runs.
 Writes bench/results/engine-<time>.json and .md and prints the table.
 
 Not a test: times on a shared 2-core machine are noisy; compare ratios of one run.
@@ -35,6 +35,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "bench" / "results"
 MODEL = "smollm2-135m-instruct"
+ONE_STREAM_ROUNDS = 3   # turns of the one-stream comparison with llama.cpp
 
 TOPICS = ["the ocean", "a lighthouse keeper", "mountain weather", "ancient Rome", "a robot painter",
           "coffee farming", "the moon landing", "a jazz club", "desert plants", "a chess prodigy",
@@ -62,8 +63,9 @@ def pct(values: list[float], q: float) -> float | None:
     return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
 
 
-async def run_level(url: str, model: str, prompts: list[list[int]], concurrency: int, requests: int,
-                    output_len: int, stagger: float) -> dict:
+async def drive(url: str, model: str, prompts: list[list[int]], concurrency: int, requests: int,
+                output_len: int, stagger: float) -> tuple[list, float]:
+    """(results, seconds): `requests` requests from `concurrency` closed-loop clients."""
     import tritonclient.grpc.aio as grpcclient
 
     from llm_backend.client import generate
@@ -86,6 +88,10 @@ async def run_level(url: str, model: str, prompts: list[list[int]], concurrency:
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     elapsed = time.perf_counter() - t0
     await client.close()
+    return results, elapsed
+
+
+def summarize(results: list, elapsed: float, concurrency: int) -> dict:
     tokens = sum(r.num_output_tokens for r in results)
     ttft = [r.ttft for r in results if r.ttft is not None]
     itl = [b - a for r in results for a, b in zip(r.times, r.times[1:])]
@@ -114,7 +120,8 @@ class LlamaCpp:
 
         self.python, self.threads, self.gguf = python, threads, fetch_default_gguf()
 
-    def run(self, prompts: list[list[int]], output_len: int) -> dict:
+    def runs(self, prompts: list[list[int]], output_len: int) -> tuple[str, list[dict]]:
+        """(engine description, one timing record per prompt)."""
         with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
             json.dump(prompts, f)
             f.flush()
@@ -124,11 +131,13 @@ class LlamaCpp:
         if proc.returncode != 0:
             raise RuntimeError(f"llama.cpp baseline failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
         out = json.loads(proc.stdout.strip().splitlines()[-1])
-        runs = out["runs"]
+        return f"llama-cpp-python {out['llama_cpp_python']}, Q4_1 GGUF, {out['threads']} threads", out["runs"]
+
+    @staticmethod
+    def summarize(engine: str, runs: list[dict]) -> dict:
         itl = [x / 1000 for r in runs for x in r["itl_ms"]]
         ttft = [r["ttft_ms"] / 1000 for r in runs]
-        return {"engine": f"llama-cpp-python {out['llama_cpp_python']}, Q4_1 GGUF, {out['threads']} threads",
-                "concurrency": 1, "requests": len(runs),
+        return {"engine": engine, "concurrency": 1, "requests": len(runs),
                 "tok_s": round(sum(r["tokens"] for r in runs) / sum(r["seconds"] for r in runs), 1),
                 **latencies(ttft, itl), "decode_tok_s": round(len(itl) / sum(itl), 1)}
 
@@ -219,7 +228,7 @@ def build_repository(repo: Path, precisions: list[str], levels: list[int], threa
 
 
 def measure_all(args, prompts, levels, tok) -> dict:
-    """Both engines in one server; per concurrency level each engine, then the baseline,
+    """Both engines in one server; per concurrency level each engine, then the baselines,
     back to back, so the ratios compare the same minute of this shared machine."""
     from stack.triton import TritonServer
 
@@ -239,27 +248,39 @@ def measure_all(args, prompts, levels, tok) -> dict:
         log = RESULTS / "tritonserver.log"
         log.write_text("")
         with TritonServer.on_free_ports(repo, log_path=log) as srv:
-            async def engine_level(prec, c, n, out_len, stagger):
-                return await run_level(srv.grpc_url, names[prec], take(n), c, n, out_len, stagger)
+            def engine_level(prec, c, n, out_len, stagger):
+                return asyncio.run(drive(srv.grpc_url, names[prec], take(n), c, n, out_len, stagger))
 
             for prec in args.precision:                  # warm-up: page in weights, allocate
-                asyncio.run(engine_level(prec, 2, 2, 8, 0.0))
+                engine_level(prec, 2, 2, 8, 0.0)
             if base:
                 base.warm_up(prompts)
             for c in levels:
                 n = args.rounds * c if c <= 16 else c      # closed loop: each client sends `rounds` requests
+                # One stream against llama.cpp: in ONE_STREAM_ROUNDS turns, each engine and
+                # llama.cpp by turns, so that both sample the same minutes of this machine.
+                turns = ONE_STREAM_ROUNDS if c == 1 and llama else 1
+                raw = {prec: ([], 0.0) for prec in args.precision}
+                llama_runs, llama_engine = [], ""
+                for _turn in range(turns):
+                    for prec in args.precision:
+                        results, seconds = engine_level(prec, c, n, args.output_len, args.stagger)
+                        raw[prec] = (raw[prec][0] + results, raw[prec][1] + seconds)
+                    if c == 1 and llama:
+                        llama_engine, runs = llama.runs(take(args.rounds), args.output_len)
+                        llama_runs += runs
                 for prec in args.precision:
-                    row = asyncio.run(engine_level(prec, c, n, args.output_len, args.stagger))
+                    row = summarize(*raw[prec], c)
                     report["engines"][prec]["levels"].append(row)
                     print(f"  llm backend {prec} c={c}: {row['tok_s']} tok/s, TTFT p50 {row['ttft_p50_ms']} ms, "
                           f"ITL p50 {row['itl_p50_ms']} ms", flush=True)
+                if llama_runs:
+                    report["llama_cpp"] = b = LlamaCpp.summarize(llama_engine, llama_runs)
+                    print(f"  llama.cpp c=1: {b['tok_s']} tok/s, decode {b['decode_tok_s']} tok/s, "
+                          f"ITL p50 {b['itl_p50_ms']} ms", flush=True)
                 if base and c <= 16:
                     report["baseline"][str(c)] = b = base.run(prompts[:c], args.output_len)
                     print(f"  transformers batch {c}: {b['tok_s']} tok/s", flush=True)
-                if llama and c == 1:
-                    report["llama_cpp"] = b = llama.run(take(max(args.rounds, 3)), args.output_len)
-                    print(f"  llama.cpp c=1: {b['tok_s']} tok/s, decode {b['decode_tok_s']} tok/s, "
-                          f"ITL p50 {b['itl_p50_ms']} ms", flush=True)
             for prec in args.precision:
                 report["engines"][prec]["prefix"] = asyncio.run(prefix_probe(srv.grpc_url, names[prec], tok))
     return report
