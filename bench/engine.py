@@ -295,7 +295,7 @@ def render(report: dict) -> str:
     for prec, res in report["engines"].items():
         for row in res["levels"]:
             b = base.get(str(row["concurrency"])) or base.get(row["concurrency"])
-            ratio = f"{row['tok_s'] / b['tok_s']:.2f}x" if b else ""
+            ratio = f"{row['tok_s'] / b['tok_s']:.3f}x" if b else ""   # 3 decimals: 1.498 is not 1.50
             lines.append(f"| llm backend {prec} | {row['concurrency']} | {row['tok_s']} | {ratio} | "
                          f"{row['ttft_p50_ms']} / {row['ttft_p99_ms']} | {row['itl_p50_ms']} / {row['itl_p99_ms']} |")
     llama = report.get("llama_cpp")
@@ -309,7 +309,7 @@ def render(report: dict) -> str:
             for row in res["levels"]:
                 if row["concurrency"] == 1 and row.get("decode_tok_s"):
                     lines.append(f"| llm backend {prec} | {row['tok_s']} | {row['decode_tok_s']} | "
-                                 f"{row['decode_tok_s'] / llama['decode_tok_s']:.2f}x | {row['ttft_p50_ms']} | "
+                                 f"{row['decode_tok_s'] / llama['decode_tok_s']:.3f}x | {row['ttft_p50_ms']} | "
                                  f"{row['itl_p50_ms']} / {row['itl_p99_ms']} |")
     lines.append("")
     lines.append("| engine | new prompt: tokens, TTFT ms | repeated prefix (prompt cache): TTFT ms |")
