@@ -25,6 +25,7 @@ import sys
 import sysconfig
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,10 @@ class TritonServer:
     extra_backends: dict[str, Path] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
+    # The Python-based backends' shared-memory regions (/dev/shm) start with this, one
+    # prefix per server: a server killed with SIGKILL cannot remove its own, so
+    # stop() and kill() remove them once the process group is gone.
+    shm_prefix: str = field(default_factory=lambda: f"llmtriton_{uuid.uuid4().hex[:12]}_")
 
     @property
     def http_url(self) -> str:
@@ -126,6 +131,8 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true",
             "--log-info=true",
+            *(f"--backend-config={name},shm-region-prefix-name={self.shm_prefix}{name}_"
+              for name in ("python", BACKEND_NAME, *self.extra_backends)),
             *self.extra_args,
         ]
 
@@ -160,6 +167,7 @@ class TritonServer:
 
     def stop(self, grace: float = 20.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
+            self._remove_shm()
             return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -169,12 +177,21 @@ class TritonServer:
             self.proc.wait()
         except ProcessLookupError:
             pass
+        self._remove_shm()
 
     def kill(self) -> None:
         """Hard kill (failure-isolation tests)."""
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        self._remove_shm()
+
+    def _remove_shm(self) -> None:
+        """Shared-memory regions the server's stubs left (all of them after a SIGKILL).
+        Called once the server has exited: a clean exit has removed them already, and
+        after a kill of the process group a stub still dying only loses the name."""
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
 
     @classmethod
     def on_free_ports(cls, model_repository: Path, **kwargs) -> "TritonServer":

@@ -206,7 +206,11 @@ def test_triton_killed_gives_fast_503_then_recovers_after_restart(stack):
                          json=chat("[[delay=100]]", stream=True, max_tokens=40)) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
+            regions = sorted(Path("/dev/shm").glob(f"{triton.shm_prefix}*"))
+            assert regions, "the server's Python stubs should use its own shared-memory prefix"
             triton.kill()
+            # SIGKILL leaves the stubs' shared memory behind; kill() removes it
+            assert not [p for p in regions if p.exists()]
             rest = [l for l in lines if l.startswith("data: ")]
         assert rest[-1] == "data: [DONE]" and '"error"' in rest[-2]
 
