@@ -35,7 +35,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "bench" / "results"
 MODEL = "smollm2-135m-instruct"
-ONE_STREAM_ROUNDS = 3   # turns of the one-stream comparison with llama.cpp
+ONE_STREAM_TURNS = 3   # turns of the one-stream comparison with llama.cpp
 
 TOPICS = ["the ocean", "a lighthouse keeper", "mountain weather", "ancient Rome", "a robot painter",
           "coffee farming", "the moon landing", "a jazz club", "desert plants", "a chess prodigy",
@@ -257,9 +257,9 @@ def measure_all(args, prompts, levels, tok) -> dict:
                 base.warm_up(prompts)
             for c in levels:
                 n = args.rounds * c if c <= 16 else c      # closed loop: each client sends `rounds` requests
-                # One stream against llama.cpp: in ONE_STREAM_ROUNDS turns, each engine and
+                # One stream against llama.cpp: in ONE_STREAM_TURNS turns, each engine and
                 # llama.cpp by turns, so that both sample the same minutes of this machine.
-                turns = ONE_STREAM_ROUNDS if c == 1 and llama else 1
+                turns = ONE_STREAM_TURNS if c == 1 and llama else 1
                 raw = {prec: ([], 0.0) for prec in args.precision}
                 llama_runs, llama_engine = [], ""
                 for _turn in range(turns):
