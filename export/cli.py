@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.precision == "fp16" and args.device == "cpu":
         parser.error("--precision fp16 targets GPUs: use --device cuda (CPU exports: fp32, w8a8, int8, int4)")
     if args.precision == "w8a8" and args.device != "cpu":
-        parser.error("--precision w8a8 targets the CPU (onnxruntime's int8 GEMM): use fp16 or int4 on GPUs")
+        from .pipeline import W8A8_CPU_ONLY
+        parser.error(f"--{W8A8_CPU_ONLY}")
     bad = [o for o in args.builder_option if "=" not in o]
     if bad:
         parser.error(f"--builder-option expects KEY=VALUE, got {bad[0]!r}")

@@ -24,6 +24,8 @@ from .w8a8 import quantize_export
 
 # Precisions we make ourselves from the builder's output: w8a8 is the fp32 graph rewritten.
 BUILDER_PRECISION = {"w8a8": "fp32"}
+# Checked by `llm-export` as a bad argument (exit 2) and by run_export for other callers.
+W8A8_CPU_ONLY = "precision w8a8 targets the CPU (onnxruntime's int8 GEMM): use fp16 or int4 on GPUs"
 
 
 def rewrite_scheme(precision: str, device: str) -> str | None:
@@ -141,7 +143,7 @@ def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportRe
     start = time.monotonic()
     progress(opts, f"validating {checkpoint}")
     if opts.precision == "w8a8" and opts.device != "cpu":
-        raise BuildError("precision w8a8 targets the CPU (onnxruntime's int8 GEMM); use fp16 or int4 on GPUs")
+        raise BuildError(W8A8_CPU_ONLY)
     ckpt = validate_checkpoint(checkpoint, opts.chat_template_file, opts.no_chat_template)
     params = engine_params(ckpt, opts)
     model_dir = Path(opts.repository) / opts.name
