@@ -42,7 +42,9 @@ steps:
                 nothing and exits non-zero.
 
 precisions:   cpu: fp32 (exact); w8a8 (int8 weights and int8 activations per row: the
-                   fastest on the CPU); int4 or int8 (weight-only quantized MatMulNBits)
+                   fastest on the CPU); int4 (weight-only MatMulNBits, quantized again
+                   activation-aware: see --int4-weights; the fastest single stream);
+                   int8 (weight-only MatMulNBits)
               cuda: fp16, int4 (also fp32, int8)
 
 exit codes:   0 published, 2 invalid checkpoint or arguments, 3 export failed,
@@ -78,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="publish WITHOUT verification (recorded as skipped in the manifest)")
     p.add_argument("--builder-option", action="append", default=[], metavar="KEY=VALUE",
                    help="extra_options for onnxruntime-genai's model builder, repeatable "
-                        "(int4 defaults to algo_config=k_quant; e.g. block_size=16 for closer int4 parity)")
+                        "(e.g. block_size=16 with --int4-weights builder, for closer int4 parity)")
+    p.add_argument("--int4-weights", choices=["activation-aware", "builder"], default="activation-aware",
+                   help="CPU int4: quantize the weights again, weighing errors by the activations seen on "
+                        "calibration text, in blocks of 64 (MLP, LM head) and 32 (attention) (default); or "
+                        "keep the model builder's (k_quant, blocks of 32). CUDA int4 is always the builder's")
     p.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
     return p
 
@@ -108,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                          no_chat_template=args.no_chat_template, max_model_len=args.max_model_len,
                          instance_count=args.instance_count, skip_verify=args.skip_verify,
                          verify_tokens=args.verify_tokens, engine_overrides=overrides, quiet=args.quiet,
-                         builder_options=dict(o.split("=", 1) for o in args.builder_option))
+                         builder_options=dict(o.split("=", 1) for o in args.builder_option),
+                         int4_weights=args.int4_weights)
     try:
         result = run_export(args.checkpoint, opts)
     except CheckpointError as err:

@@ -19,6 +19,8 @@ from .pad_heads import head_dim, padded_head_dim, write_padded_checkpoint
 from .publish import publish_version, staging, write_config
 from .validate import Checkpoint, validate_checkpoint
 from .graph_rewrite import FUSE_SCHEME, fuse_export
+from .int4_requant import SCHEME as INT4_SCHEME
+from .int4_requant import calibration_ids, requantize
 from .w8a8 import SCHEME as W8A8_SCHEME
 from .w8a8 import quantize_export
 
@@ -28,10 +30,18 @@ BUILDER_PRECISION = {"w8a8": "fp32"}
 W8A8_CPU_ONLY = "precision w8a8 targets the CPU (onnxruntime's int8 GEMM): use fp16 or int4 on GPUs"
 
 
-def rewrite_scheme(precision: str, device: str) -> str | None:
+def requantizes_int4(precision: str, device: str, int4_weights: str = "activation-aware") -> bool:
+    """Are the builder's int4 weights quantized again (int4_requant.py)? CPU only: the
+    block sizes were chosen with onnxruntime's CPU kernels."""
+    return precision == "int4" and device == "cpu" and int4_weights == "activation-aware"
+
+
+def rewrite_scheme(precision: str, device: str, int4_weights: str = "activation-aware") -> str | None:
     """The rewrite applied after the builder (recorded in the manifest as quantization.scheme)."""
     if precision == "w8a8":
         return W8A8_SCHEME
+    if requantizes_int4(precision, device, int4_weights):
+        return INT4_SCHEME          # re-quantized, then fused like int8
     if device == "cpu" and precision in ("int4", "int8"):
         return FUSE_SCHEME          # measured on the CPU only
     return None
@@ -57,6 +67,7 @@ class ExportOptions:
     verify_tokens: int = 32
     engine_overrides: dict = field(default_factory=dict)   # other EngineParams fields
     builder_options: dict = field(default_factory=dict)    # onnxruntime-genai extra_options
+    int4_weights: str = "activation-aware"                 # or "builder": its k_quant, blocks of 32
     quiet: bool = False
 
 
@@ -136,6 +147,19 @@ def _verify(ckpt: Checkpoint, version_dir: Path, opts: ExportOptions, verifier) 
         return {"status": "failed", "reason": f"the verification could not run: {type(err).__name__}: {err}"}
 
 
+def requantize_int4(ckpt: Checkpoint, source: Path, stage: Path, version_dir: Path,
+                    opts: ExportOptions) -> dict:
+    """int4 on the CPU: the weights again, activation-aware, from an fp32 build of the same
+    checkpoint (int4_requant.py); then gate and up fused as for int8."""
+    reference = stage / "fp32-reference"
+    progress(opts, "int4: building an fp32 reference graph for activation-aware quantization")
+    run_builder(source, reference, "fp32", opts.device, stage / "builder-fp32.log", opts.builder_options)
+    progress(opts, "int4: quantizing the weights again (activation-aware k-quant, blocks of 64 and 32)")
+    stats = requantize(version_dir, reference, calibration_ids(ckpt, version_dir / "tokenizer.json"))
+    shutil.rmtree(reference, ignore_errors=True)
+    return {**stats, **fuse_export(version_dir), "scheme": INT4_SCHEME}
+
+
 def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportResult:
     """Validate, build, verify (with `verifier`, default export.verify) and publish.
 
@@ -150,7 +174,8 @@ def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportRe
     with staging(model_dir) as stage:
         version_dir = stage / "version"
         progress(opts, f"exporting {ckpt.architecture} to ONNX ({opts.precision}, {opts.device}) ...")
-        extra = builder_options(opts.precision, opts.builder_options)
+        requant = requantizes_int4(opts.precision, opts.device, opts.int4_weights)
+        extra = builder_options(opts.precision, opts.builder_options, requantized=requant)
         source, padding = ckpt.path, None
         if padded_head_dim(ckpt.config):
             padding = {"head_dim": head_dim(ckpt.config), "exported_head_dim": padded_head_dim(ckpt.config)}
@@ -161,14 +186,16 @@ def run_export(checkpoint: Path, opts: ExportOptions, verifier=None) -> ExportRe
         build_s = run_builder(source, version_dir, BUILDER_PRECISION.get(opts.precision, opts.precision),
                               opts.device, stage / "builder.log", extra)
         progress(opts, f"exported in {build_s:.1f} s")
+        stage_files(ckpt, version_dir)
         quantization = None
-        scheme = rewrite_scheme(opts.precision, opts.device)
+        scheme = rewrite_scheme(opts.precision, opts.device, opts.int4_weights)
         if scheme == W8A8_SCHEME:
             progress(opts, "quantizing to W8A8 (int8 weights per column, int8 activations per row)")
             quantization = quantize_export(version_dir)
+        elif scheme == INT4_SCHEME:
+            quantization = requantize_int4(ckpt, source, stage, version_dir, opts)
         elif scheme == FUSE_SCHEME:
             quantization = fuse_export(version_dir)
-        stage_files(ckpt, version_dir)
         sizes = check_artifacts(version_dir)
         progress(opts, "computing the source weights checksum")
         checksum = mf.weights_checksum(ckpt.weight_files)

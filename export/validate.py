@@ -43,6 +43,16 @@ class Checkpoint:
     def context_length(self) -> int:
         return int(self.config.get("max_position_embeddings") or 0)
 
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str | None:
+        """The chat template rendered with plain Jinja (None without a template)."""
+        if not self.chat_template:
+            return None
+        import jinja2
+
+        return jinja2.Environment().from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token, eos_token=self.eos_token)
+
 
 def read_json(path: Path, what: str, fix: str, required: bool = True) -> dict:
     if not path.is_file():

@@ -70,13 +70,15 @@ CRITERIA = {
 NEAR_TIE = 0.03
 
 
-def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> float:
-    """KL(softmax(ref) || softmax(logits)) in nats."""
+def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray):
+    """KL(softmax(ref) || softmax(logits)) in nats over the last axis: a float for one
+    vector of logits, an array for several ([positions, vocab])."""
     def log_softmax(x):
-        x = x.astype(np.float64) - x.max()
-        return x - np.log(np.exp(x).sum())
+        x = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
     lp, lq = log_softmax(ref_logits), log_softmax(logits)
-    return float(np.sum(np.exp(lp) * (lp - lq)))
+    kl = np.sum(np.exp(lp) * (lp - lq), axis=-1)
+    return float(kl) if kl.ndim == 0 else kl
 
 
 def _progress(opts, message: str) -> None:
@@ -193,14 +195,12 @@ def _hf_prompts(ckpt, messages) -> list[list[int]]:
 
 def _plain_prompts(ckpt, version_dir: Path, messages) -> list[list[int]]:
     """The exported tokenizer.json and plain Jinja, for tokenizers transformers cannot name."""
-    import jinja2
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
     prompts = [tok.encode(p, add_special_tokens=True).ids for p in PROMPTS]
     if ckpt.chat_template:
-        text = jinja2.Environment().from_string(ckpt.chat_template).render(
-            messages=messages, add_generation_prompt=True, bos_token=ckpt.bos_token, eos_token=ckpt.eos_token)
+        text = ckpt.render_chat(messages, add_generation_prompt=True)
         prompts.append(tok.encode(text, add_special_tokens=False).ids)
     return prompts
 

@@ -25,7 +25,8 @@ from pathlib import Path
 from export.default_model import MODEL_ID, fetch_default_model
 from export.manifest import read_manifest, tool_versions, weights_checksum
 from export.onnx_build import builder_options
-from export.pipeline import ExportOptions, apply_overrides, instance_kind, rewrite_scheme, run_export
+from export.pipeline import (ExportOptions, apply_overrides, instance_kind, requantizes_int4, rewrite_scheme,
+                             run_export)
 from export.publish import link_or_copy, publish_version, staging, versions, write_config
 from llm_backend.engine import int8_gemm_is_exact
 from llm_backend.model_config import EngineParams
@@ -86,7 +87,7 @@ def _is_current(version_dir: Path, precision: str) -> bool:
     except (OSError, ValueError):
         return False
     return (m.get("verification", {}).get("status") == "passed"
-            and m.get("builder_options") == builder_options(precision)
+            and m.get("builder_options") == builder_options(precision, requantized=requantizes_int4(precision, "cpu"))
             and (m.get("quantization") or {}).get("scheme") == rewrite_scheme(precision, "cpu")
             and m.get("tools") == tool_versions())  # a bumped pin means a new export
 

@@ -36,13 +36,19 @@ def test_default_model_fp32_parity(tmp_path):
 def test_default_model_int4_parity(tmp_path):
     model_dir = ensure_default_model(tmp_path, precision="int4")
     m = manifest(model_dir)
-    assert m["quantization"]["fused_groups"] == 30          # gate+up of each layer (graph_rewrite)
+    q = m["quantization"]
+    assert q["fused_groups"] == 30          # gate+up of each layer (graph_rewrite)
+    # every weight product quantized again (int4_requant): 30 x (qkv, o) in blocks of 32,
+    # 30 x (gate, up, down) and the head in blocks of 64
+    assert q["requantized"] == 151 and q["blocks"] == {"32": 60, "64": 91}
     v = m["verification"]
     print("int4 parity:", json.dumps({"logits": v["logits"], "greedy": v["greedy"]}))
     assert v["status"] == "passed"
     assert v["logits"]["kl_max"] <= CRITERIA["int4"].max_kl
     assert v["logits"]["top1_agree"] == v["logits"]["prompts"]
-    assert min(v["greedy"]["agreed"]) >= CRITERIA["int4"].min_greedy
+    greedy = v["greedy"]   # a first divergence at a near tie of the source is no error (verify.py)
+    assert all(agreed >= CRITERIA["int4"].min_greedy or tie
+               for agreed, tie in zip(greedy["agreed"], greedy["near_tie_at_divergence"]))
 
 
 def test_repeated_calls_are_cheap_and_rerender_config(tmp_path):
