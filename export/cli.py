@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU int4: quantize the weights again, weighing errors by the activations seen on "
                         "calibration text, in blocks of 64 (MLP, LM head) and 32 (attention) (default); or "
                         "keep the model builder's (k_quant, blocks of 32). CUDA int4 is always the builder's")
+    p.add_argument("--int4-mlp-block", type=int, choices=[64, 32], default=64,
+                   help="activation-aware int4: block size of the MLP and LM head weights. 64 (default) "
+                        "decodes one stream 7-10%% faster; 32 makes a sequence's output bit for bit the same "
+                        "whether it is decoded alone or in a batch (with 64 onnxruntime sums one row in "
+                        "another order than a batch, and greedy text can part at a near tie)")
     p.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
     return p
 
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                          instance_count=args.instance_count, skip_verify=args.skip_verify,
                          verify_tokens=args.verify_tokens, engine_overrides=overrides, quiet=args.quiet,
                          builder_options=dict(o.split("=", 1) for o in args.builder_option),
-                         int4_weights=args.int4_weights)
+                         int4_weights=args.int4_weights, int4_mlp_block=args.int4_mlp_block)
     try:
         result = run_export(args.checkpoint, opts)
     except CheckpointError as err:

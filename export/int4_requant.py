@@ -23,6 +23,14 @@ kernel. SmolLM2-135M, measured here:
 All blocks of 64 were faster still (0.885) but failed the export's own check (KL 1.1 on
 one prompt), so attention stays at 32.
 
+The price of blocks of 64: onnxruntime runs a one-row product through another kernel
+than a batch of rows, and the two sum in another order (blocks of 32: bit for bit the
+same). A sequence decoded alone and the same sequence decoded in a batch then differ in
+the last bits of a product, which the next layer's int8 activations can turn into a
+quantization step: up to ~0.6 in the logits on SmolLM2, and greedy text can part at a
+near tie. `--int4-mlp-block 32` keeps every block at 32 and the output independent of
+the batch, at the builder's speed.
+
 The tied embedding (`GatherBlockQuantized`) reads the LM head's blocks and follows its
 block size. Initializer names stay the builder's (`..._Q4G32` may hold blocks of 64).
 """
@@ -46,7 +54,7 @@ SCHEME = ("int4: activation-aware k-quant, blocks of 64 for MLP and LM head, 32 
                            + (Path(__file__).parent / "calibration.py").read_bytes()
                            + (Path(__file__).parent / "graph_rewrite.py").read_bytes()).hexdigest()[:12])
 
-WIDE_BLOCK = 64
+WIDE_BLOCK = 64                                 # MLP and head, unless the export asks for 32
 NARROW_BLOCK = 32
 WIDE_NODES = re.compile(r"/mlp/|lm_head")      # the builder's names for MLP projections and the head
 CALIBRATION_MAX_TOKENS = 256
@@ -54,10 +62,10 @@ SEARCH_STEPS = 20                               # k-quant: candidate ranges per 
 COLUMN_CHUNK = 1024                             # columns at a time: the search's arrays stay in cache
 
 
-def block_for(node_name: str, k: int) -> int | None:
+def block_for(node_name: str, k: int, wide: int = WIDE_BLOCK) -> int | None:
     """Block size for a product with K inputs; None keeps the builder's quantization."""
-    if WIDE_NODES.search(node_name) and k % WIDE_BLOCK == 0:
-        return WIDE_BLOCK
+    if WIDE_NODES.search(node_name) and k % wide == 0:
+        return wide
     return NARROW_BLOCK if k % NARROW_BLOCK == 0 else None
 
 
@@ -210,8 +218,9 @@ def _reference_weights(fp32_dir: Path) -> tuple[dict, callable]:
     return nodes, load
 
 
-def requantize(version_dir: Path, fp32_dir: Path, samples: list[list[int]]) -> dict:
-    """Quantize the 4-bit MatMulNBits of `version_dir` again from the fp32 graph's weights."""
+def requantize(version_dir: Path, fp32_dir: Path, samples: list[list[int]], wide_block: int = WIDE_BLOCK) -> dict:
+    """Quantize the 4-bit MatMulNBits of `version_dir` again from the fp32 graph's weights
+    (`wide_block`: the MLP's and the head's block size, 64 or 32)."""
     from onnx import helper, numpy_helper
 
     ref_nodes, load = _reference_weights(fp32_dir)
@@ -225,7 +234,7 @@ def requantize(version_dir: Path, fp32_dir: Path, samples: list[list[int]]) -> d
             if node.op_type != "MatMulNBits" or attrs.get("bits") != 4:
                 continue
             ref = ref_nodes.get(re.sub(r"_Q4$", "", node.name))
-            block = block_for(node.name, attrs["K"])
+            block = block_for(node.name, attrs["K"], wide_block)
             if ref is not None and block is not None:
                 todo.append((node, ref, block))
         importance = activation_importance(fp32_dir, {n.input[0] for n, _, _ in todo}, samples)

@@ -68,6 +68,7 @@ class ExportOptions:
     engine_overrides: dict = field(default_factory=dict)   # other EngineParams fields
     builder_options: dict = field(default_factory=dict)    # onnxruntime-genai extra_options
     int4_weights: str = "activation-aware"                 # or "builder": its k_quant, blocks of 32
+    int4_mlp_block: int = 64                               # activation-aware: MLP and head blocks (32: batch-invariant)
     quiet: bool = False
 
 
@@ -154,8 +155,10 @@ def requantize_int4(ckpt: Checkpoint, source: Path, stage: Path, version_dir: Pa
     reference = stage / "fp32-reference"
     progress(opts, "int4: building an fp32 reference graph for activation-aware quantization")
     run_builder(source, reference, "fp32", opts.device, stage / "builder-fp32.log", opts.builder_options)
-    progress(opts, "int4: quantizing the weights again (activation-aware k-quant, blocks of 64 and 32)")
-    stats = requantize(version_dir, reference, calibration_ids(ckpt, version_dir / "tokenizer.json"))
+    progress(opts, f"int4: quantizing the weights again (activation-aware k-quant, MLP and head in blocks "
+                   f"of {opts.int4_mlp_block}, attention 32)")
+    stats = requantize(version_dir, reference, calibration_ids(ckpt, version_dir / "tokenizer.json"),
+                       opts.int4_mlp_block)
     shutil.rmtree(reference, ignore_errors=True)
     return {**stats, **fuse_export(version_dir), "scheme": INT4_SCHEME}
 

@@ -122,7 +122,7 @@ async def test_greedy_matches_transformers(client, hf_greedy):
         assert streamed.finish_reason in ("stop", "length") and streamed.num_input_tokens > 0
 
 
-@pytest.mark.parametrize("model", [MODEL, pytest.param(W8A8, marks=w8a8_only), INT4])
+@pytest.mark.parametrize("model", [MODEL, pytest.param(W8A8, marks=w8a8_only)])
 async def test_sixteen_concurrent_streams_equal_one_at_a_time(client, model):
     prompts = [PROMPTS[i % 4] + (" " * (i // 4)) for i in range(16)]   # 16 distinct prompts
     alone = [(await generate(client, model, p, max_tokens=20)).text for p in prompts]
@@ -135,6 +135,25 @@ async def test_sixteen_concurrent_streams_equal_one_at_a_time(client, model):
     assert [r.error for r in together] == [None] * 16
     assert [r.text for r in together] == alone
     assert len(set(alone)) > 4                                       # real, distinct answers
+
+
+async def test_int4_streams_under_load_start_alike_and_finish(client):
+    """int4 with blocks of 64 (the default int4 export) is not batch-invariant: onnxruntime
+    sums a one-row product in another order than a batch (export/int4_requant.py), so
+    greedy text may part at a near tie. What holds: the first token comes from the
+    prompt's own prefill, whatever else runs, and every stream finishes."""
+    prompts = [PROMPTS[i % 4] + (" " * (i // 4)) for i in range(16)]
+    alone = [await generate(client, INT4, p, max_tokens=20) for p in prompts]
+
+    async def late(i, p):
+        await asyncio.sleep(0.05 * i)
+        return await generate(client, INT4, p, max_tokens=20)
+
+    together = await asyncio.gather(*(late(i, p) for i, p in enumerate(prompts)))
+    assert [r.error for r in together] == [None] * 16
+    assert [r.pieces[0] for r in together] == [r.pieces[0] for r in alone]
+    assert all(r.final and r.finish_reason in ("stop", "length") and 0 <= r.num_output_tokens <= 20
+               for r in together + alone)
 
 
 @w8a8_only

@@ -112,6 +112,22 @@ def test_tiny_int4_export_is_requantized_and_verified(tiny_checkpoint, tmp_path)
 
 
 @pytest.mark.slow
+def test_int4_mlp_block_32_decodes_the_same_alone_or_batched(tiny_checkpoint, tmp_path):
+    from llm_backend.engine import Decoder
+
+    result = run_export(tiny_checkpoint, ExportOptions(name="tiny32", repository=tmp_path, precision="int4",
+                                                       int4_mlp_block=32, quiet=True))
+    assert result.manifest["quantization"]["blocks"] == {"32": 11}
+    dec = Decoder(result.version_dir, num_slots=4, max_len=64, intra_op_threads=2)
+    prompts = [[5, 17, 40, 41, 99], [7, 8, 9, 200, 201, 202, 250]]
+    first = [int(dec.prefill(row, p, 0).argmax()) for row, p in enumerate(prompts)]
+    lengths = np.array([len(p) for p in prompts])
+    batched = dec.decode(np.array(first), lengths)
+    alone = dec.decode(np.array(first[:1]), lengths[:1])       # row 0 again, by itself
+    assert np.array_equal(alone[0], batched[0])
+
+
+@pytest.mark.slow
 def test_builder_int4_weights_stay_on_request(tiny_checkpoint, tmp_path):
     result = run_export(tiny_checkpoint, ExportOptions(name="tiny4b", repository=tmp_path, precision="int4",
                                                        int4_weights="builder", quiet=True, skip_verify=True))
