@@ -4,9 +4,9 @@
 
 Models: the fp32 export (the reference), the int4 export as `llm-export` makes it
 (activation-aware, blocks of 64/32: export/int4_requant.py), the model builder's own
-int4 (`--int4-weights builder`: k_quant, blocks of 32), and, when `make llama-venv` has
-built it, llama.cpp on the Q4_1 GGUF the default model ships as (the one-stream
-baseline of bench.engine).
+int4 (`--int4-weights builder`: k_quant, blocks of 32), the w8a8 export for scale, and,
+when `make llama-venv` has built it, llama.cpp on the Q4_1 GGUF the default model ships
+as (the one-stream baseline of bench.engine).
 
 Fidelity: next-token distributions at every position of held-out text, KL(fp32 || int4)
 mean / p90 / max and how often the top-1 token agrees. The text is chunks of this
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from export.default_model import fetch_default_gguf, fetch_default_model
     from export.pipeline import ExportOptions, run_export
+    from llm_backend.engine import int8_gemm_is_exact
     from stack.default_model import ensure_default_model
 
     with tempfile.TemporaryDirectory(prefix="int4-fidelity-") as tmp:
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         ref = onnx_logits(fp32, samples)
         rows = {"int4, activation-aware, blocks 64/32 (llm-export)": fidelity(ref, onnx_logits(ours, samples)),
                 "int4, builder k_quant, blocks of 32": fidelity(ref, onnx_logits(builder, samples))}
+        if int8_gemm_is_exact():
+            w8a8 = ensure_default_model(repo / "w8a8", precision="w8a8") / "1"
+            rows["w8a8 (the default export), for scale"] = fidelity(ref, onnx_logits(w8a8, samples))
         if args.llamacpp_python.exists():
             rows["llama.cpp Q4_1 GGUF (bench.engine's baseline)"] = fidelity(
                 ref, llama_logits(args.llamacpp_python, fetch_default_gguf(), samples))
