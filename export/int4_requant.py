@@ -158,7 +158,10 @@ def calibration_ids(ckpt, tokenizer_json: Path) -> list[list[int]]:
     samples = []
     for user, assistant in CHATS:
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        text = ckpt.render_chat(messages, add_generation_prompt=False)
+        try:
+            text = ckpt.render_chat(messages, add_generation_prompt=False)
+        except Exception:   # a template that wants more than messages (tools, dates): plain text
+            text = None
         samples.append(tok.encode(text, add_special_tokens=False).ids if text is not None
                        else tok.encode(f"{user}\n{assistant}", add_special_tokens=True).ids)
     samples += [tok.encode(t, add_special_tokens=True).ids for t in TEXTS]

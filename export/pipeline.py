@@ -152,13 +152,19 @@ def requantize_int4(ckpt: Checkpoint, source: Path, stage: Path, version_dir: Pa
                     opts: ExportOptions) -> dict:
     """int4 on the CPU: the weights again, activation-aware, from an fp32 build of the same
     checkpoint (int4_requant.py); then gate and up fused as for int8."""
+    if opts.int4_mlp_block not in (32, 64):
+        raise BuildError(f"int4_mlp_block must be 32 or 64, got {opts.int4_mlp_block}")
     reference = stage / "fp32-reference"
     progress(opts, "int4: building an fp32 reference graph for activation-aware quantization")
     run_builder(source, reference, "fp32", opts.device, stage / "builder-fp32.log", opts.builder_options)
     progress(opts, f"int4: quantizing the weights again (activation-aware k-quant, MLP and head in blocks "
                    f"of {opts.int4_mlp_block}, attention 32)")
-    stats = requantize(version_dir, reference, calibration_ids(ckpt, version_dir / "tokenizer.json"),
-                       opts.int4_mlp_block)
+    try:
+        stats = requantize(version_dir, reference, calibration_ids(ckpt, version_dir / "tokenizer.json"),
+                           opts.int4_mlp_block)
+    except ValueError as err:   # a graph this quantizer does not expect
+        raise BuildError(f"int4 activation-aware quantization failed: {err}; --int4-weights builder keeps "
+                         "the model builder's int4 weights") from err
     shutil.rmtree(reference, ignore_errors=True)
     return {**stats, **fuse_export(version_dir), "scheme": INT4_SCHEME}
 

@@ -135,3 +135,13 @@ def test_builder_int4_weights_stay_on_request(tiny_checkpoint, tmp_path):
     assert "requantized" not in q and q["fused_groups"] == 2
     assert result.manifest["builder_options"] == {"algo_config": "k_quant"}
     assert json.loads((result.version_dir / "manifest.json").read_text())["quantization"] == q
+
+
+@pytest.mark.slow
+def test_a_graph_without_zero_points_fails_clearly(tiny_checkpoint, tmp_path):
+    from export.onnx_build import BuildError
+
+    with pytest.raises(BuildError, match="no zero points.*--int4-weights builder"):
+        run_export(tiny_checkpoint, ExportOptions(name="sym", repository=tmp_path, precision="int4", quiet=True,
+                                                  skip_verify=True, builder_options={"is_symmetric": "true"}))
+    assert not (tmp_path / "sym").exists() or not any(p.name.isdigit() for p in (tmp_path / "sym").iterdir())
