@@ -65,14 +65,12 @@ def onnx_logits(version_dir: Path, samples: list[list[int]]) -> list[np.ndarray]
     so = ort.SessionOptions()
     so.log_severity_level = 3
     session = ort.InferenceSession(str(version_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    from export.verify import whole_sequence_feed
+
     decoder = json.loads((version_dir / "genai_config.json").read_text())["model"]["decoder"]
-    past = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
-    out = []
-    for ids in samples:
-        feed = {i.name: past for i in session.get_inputs() if i.name.startswith("past_key_values")}
-        feed.update(input_ids=np.array([ids], np.int64), attention_mask=np.ones((1, len(ids)), np.int64))
-        out.append(session.run(["logits"], feed)[0][0].astype(np.float32))
-    return out
+    inputs = [i.name for i in session.get_inputs()]
+    return [session.run(["logits"], whole_sequence_feed(inputs, decoder, ids))[0][0].astype(np.float32)
+            for ids in samples]
 
 
 def llama_logits(python: Path, gguf: Path, samples: list[list[int]]) -> list[np.ndarray]:

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from .graph_rewrite import rewrite_in_place
+from .verify import whole_sequence_feed
 
 # Recorded in the manifest; a cached export made by another version of this file is rebuilt.
 SCHEME = ("int4: activation-aware k-quant, block sizes in quantization.blocks; rewrite "
@@ -184,21 +185,11 @@ def activation_importance(fp32_dir: Path, activations: set[str], samples: list[l
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(fp32_dir.resolve()))
     session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     decoder = json.loads((fp32_dir / "genai_config.json").read_text())["model"]["decoder"]
-    empty_past = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
+    inputs = [i.name for i in session.get_inputs()]
     sums = {name: 0.0 for name in names}
     count = 0
     for ids in samples:
-        feed = {}
-        for inp in session.get_inputs():
-            if inp.name == "input_ids":
-                feed[inp.name] = np.array([ids], np.int64)
-            elif inp.name == "attention_mask":
-                feed[inp.name] = np.ones((1, len(ids)), np.int64)
-            elif inp.name == "position_ids":
-                feed[inp.name] = np.arange(len(ids), dtype=np.int64)[None, :]
-            else:   # past keys and values: none yet
-                feed[inp.name] = empty_past
-        outs = session.run(names, feed)
+        outs = session.run(names, whole_sequence_feed(inputs, decoder, ids))
         for name, value in zip(names, outs):
             flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
             sums[name] = sums[name] + (flat ** 2).sum(0)
@@ -221,10 +212,17 @@ def _reference_weights(fp32_dir: Path) -> tuple[dict, callable]:
     return nodes, load
 
 
+def _set_block_size(node, block: int) -> None:
+    from onnx import helper
+
+    node.attribute.remove(next(a for a in node.attribute if a.name == "block_size"))
+    node.attribute.append(helper.make_attribute("block_size", block))
+
+
 def requantize(version_dir: Path, fp32_dir: Path, samples: list[list[int]], wide_block: int = WIDE_BLOCK) -> dict:
     """Quantize the 4-bit MatMulNBits of `version_dir` again from the fp32 graph's weights
     (`wide_block`: the MLP's and the head's block size, 64 or 32)."""
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     ref_nodes, load = _reference_weights(fp32_dir)
 
@@ -239,12 +237,11 @@ def requantize(version_dir: Path, fp32_dir: Path, samples: list[list[int]], wide
             ref = ref_nodes.get(re.sub(r"_Q4$", "", node.name))
             block = block_for(node.name, attrs["K"], wide_block)
             if ref is not None and block is not None:
-                todo.append((node, ref, block))
-        importance = activation_importance(fp32_dir, {n.input[0] for n, _, _ in todo}, samples)
+                todo.append((node, attrs, ref, block))
+        importance = activation_importance(fp32_dir, {t[0].input[0] for t in todo}, samples)
         blocks = {}
-        for node, ref, block in todo:
+        for node, attrs, ref, block in todo:
             w = load(ref)
-            attrs = {a.name: a.i for a in node.attribute}
             if w.shape != (attrs["K"], attrs["N"]):
                 raise ValueError(f"{node.name}: K x N is {attrs['K']} x {attrs['N']}, the fp32 weight "
                                  f"{ref.input[1]} is {w.shape}")
@@ -253,8 +250,7 @@ def requantize(version_dir: Path, fp32_dir: Path, samples: list[list[int]], wide
             arrays = quantize_blocks(w, block, importance.get(node.input[0]))
             for slot, arr in zip((1, 2, 3), arrays):
                 inits[node.input[slot]].CopyFrom(numpy_helper.from_array(arr, node.input[slot]))
-            node.attribute.remove(next(a for a in node.attribute if a.name == "block_size"))
-            node.attribute.append(helper.make_attribute("block_size", block))
+            _set_block_size(node, block)
             blocks[node.input[1]] = block
         # The tied embedding gathers the head's blocks (directly or through a Reshape).
         producer = {o: n for n in g.node for o in n.output}
@@ -265,8 +261,7 @@ def requantize(version_dir: Path, fp32_dir: Path, samples: list[list[int]], wide
             if data in producer and producer[data].op_type == "Reshape":
                 data = producer[data].input[0]
             if data in blocks:
-                node.attribute.remove(next(a for a in node.attribute if a.name == "block_size"))
-                node.attribute.append(helper.make_attribute("block_size", blocks[data]))
+                _set_block_size(node, blocks[data])
         sizes = sorted(set(blocks.values()))
         return {"requantized": len(todo),
                 "blocks": {str(b): sum(v == b for v in blocks.values()) for b in sizes},

@@ -90,6 +90,18 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def whole_sequence_feed(input_names: list[str], decoder: dict, ids: list[int]) -> dict:
+    """Inputs of the builder's decoder graph for `ids` as one sequence with no past
+    (batch 1; `decoder` is genai_config.json's model.decoder): every position's logits
+    and activations in one call."""
+    past = np.zeros((1, decoder["num_key_value_heads"], 0, decoder["head_size"]), np.float32)
+    feed = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+    if "position_ids" in input_names:
+        feed["position_ids"] = np.arange(len(ids), dtype=np.int64)[None, :]
+    feed.update({name: past for name in input_names if name.startswith("past_key_values.")})
+    return feed
+
+
 class OnnxDecoder:
     """Plain onnxruntime session over the builder's decoder (batch 1, KV cache)."""
 
