@@ -62,11 +62,11 @@ def onnx_logits(version_dir: Path, samples: list[list[int]]) -> list[np.ndarray]
     """Logits at every position, one pass per sample, as the builder's graph computes them."""
     import onnxruntime as ort
 
+    from export.verify import whole_sequence_feed
+
     so = ort.SessionOptions()
     so.log_severity_level = 3
     session = ort.InferenceSession(str(version_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
-    from export.verify import whole_sequence_feed
-
     decoder = json.loads((version_dir / "genai_config.json").read_text())["model"]["decoder"]
     inputs = [i.name for i in session.get_inputs()]
     return [session.run(["logits"], whole_sequence_feed(inputs, decoder, ids))[0][0].astype(np.float32)

@@ -49,11 +49,12 @@ import numpy as np
 from .graph_rewrite import rewrite_in_place
 from .verify import whole_sequence_feed
 
-# Recorded in the manifest; a cached export made by another version of this file is rebuilt.
+# Recorded in the manifest; a cached export made by another version of the files that
+# decide its weights (this one, the calibration text, the rewrite helpers, the feed of
+# the importance pass in verify.py) is rebuilt.
 SCHEME = ("int4: activation-aware k-quant, block sizes in quantization.blocks; rewrite "
-          + hashlib.sha256(Path(__file__).read_bytes()
-                           + (Path(__file__).parent / "calibration.py").read_bytes()
-                           + (Path(__file__).parent / "graph_rewrite.py").read_bytes()).hexdigest()[:12])
+          + hashlib.sha256(b"".join((Path(__file__).parent / name).read_bytes() for name in (
+              "int4_requant.py", "calibration.py", "graph_rewrite.py", "verify.py"))).hexdigest()[:12])
 
 WIDE_BLOCK = 64                                 # MLP and head, unless the export asks for 32
 NARROW_BLOCK = 32
