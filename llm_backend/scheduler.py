@@ -289,8 +289,7 @@ class Scheduler:
 
     def _cache_prompt(self, seq: Sequence, row: int) -> None:
         b = self.cache.block
-        for i, key in self.cache.missing(seq.prompt):
-            self.cache.insert(key, self.dec.read_rows(row, i * b, (i + 1) * b))
+        self.cache.store(seq.prompt, lambda i: self.dec.read_rows(row, i * b, (i + 1) * b))
 
     def _decode(self) -> None:
         if not self.rows:

@@ -166,6 +166,53 @@ def test_prefix_cache_evicts_least_recently_used():
     assert cache.lookup(a) and not cache.lookup(b) and cache.lookup(c)
 
 
+def test_prefix_cache_insert_of_a_present_block_counts_its_bytes_once():
+    one = np.zeros((1, 2, 1, 4, 1), dtype=np.float32)
+    cache = PrefixCache(10 * one.nbytes, block=4)
+    (_, key), = cache.missing(list(range(5)))
+    cache.insert(key, one.copy())
+    cache.insert(key, one.copy())
+    assert cache.used == one.nbytes and len(cache.blocks) == 1
+
+
+def test_prefix_cache_refuses_a_hit_whose_tokens_differ(monkeypatch):
+    """Keys are hashes: a collision must not hand one prompt another prompt's KV."""
+    import llm_backend.prefix_cache as prefix_cache
+
+    monkeypatch.setattr(prefix_cache, "_block_hash", lambda parent, tokens: b"\0" * 32)
+    cache = PrefixCache(10 * 2**20, block=4)
+    a, b = list(range(9)), list(range(10, 19))
+    for i, key in cache.missing(a):
+        cache.insert(key, np.full((1, 2, 1, 4, 1), i, dtype=np.float32))
+    assert len(cache.lookup(a)) == 1                       # every block has the same key: only the first fits
+    assert cache.lookup(b) == []                           # same key, other tokens: no hit
+
+
+def test_prefix_cache_evicts_the_tails_of_a_chain_before_its_head():
+    """A block is only useful after its whole prefix: evicting a chain's head first
+    leaves its tail blocks resident and unreachable."""
+    block_bytes = FakeDecoder().read_rows(0, 0, 4).nbytes
+    a, b, c = list(range(1, 14)), list(range(20, 25)), list(range(30, 39))   # 3, 1 and 2 blocks
+
+    def blocks_hit(s, prompt):
+        hits = s.cache.hits
+        s.submit(prompt, SamplingParams(max_tokens=1), ListSink())
+        _run(s)
+        return (s.cache.hits - hits) // 4
+
+    s = _sched(prefix_cache=PrefixCache(3 * block_bytes, block=4))
+    blocks_hit(s, a)
+    blocks_hit(s, b)                                       # inserted: evicts one block of a
+    assert blocks_hit(s, a) == 2
+
+    s = _sched(prefix_cache=PrefixCache(4 * block_bytes, block=4))
+    blocks_hit(s, a)
+    blocks_hit(s, b)
+    assert blocks_hit(s, a) == 3                           # hit: a is the most recent again
+    blocks_hit(s, c)                                       # evicts b and one block of a
+    assert blocks_hit(s, a) == 2
+
+
 # -- scheduler over a fake decoder -------------------------------------------------------------------
 
 
