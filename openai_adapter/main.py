@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import fields
 
 import uvicorn
 
@@ -19,21 +18,21 @@ log = logging.getLogger("openai_adapter")
 def parse_args(argv: list[str] | None = None) -> Settings:
     p = argparse.ArgumentParser(prog="openai-adapter", description="OpenAI-compatible API over Triton "
                                 "(every flag has an environment variable; see openai_adapter/README.md)")
-    for f in fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        env = Settings.ENV[f.name]
-        kind = type(f.default)
-        if f.name in ("triton_grpc_urls", "triton_http_urls", "api_keys"):
-            extra = "; prefer the variable: flags show in ps" if f.name == "api_keys" else ""
-            p.add_argument(flag, dest=f.name, default=None, help=f"comma-separated (env {env}{extra})")
-        elif kind is bool:
-            p.add_argument(flag, dest=f.name, default=None, choices=["true", "false"], help=f"env {env}")
+    env_names = Settings.env_names()
+    for name, f in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = env_names[name]
+        if isinstance(f.default, list):
+            extra = "; prefer the variable: flags show in ps" if name in Settings.SECRET else ""
+            p.add_argument(flag, dest=name, default=None, help=f"comma-separated (env {env}{extra})")
+        elif isinstance(f.default, bool):
+            p.add_argument(flag, dest=name, default=None, choices=["true", "false"], help=f"env {env}")
         else:
-            p.add_argument(flag, dest=f.name, default=None, type=kind, help=f"env {env}")
+            extra = "; prefer the variable: flags show in ps" if name in Settings.SECRET else ""
+            p.add_argument(flag, dest=name, default=None, type=type(f.default), help=f"env {env}{extra}")
     args = vars(p.parse_args(argv))
-    env_like = {Settings.ENV[k]: str(v) for k, v in args.items() if v is not None}
-    # Flags win over the environment: parse them with the same rules as variables.
-    return Settings.from_env({**os.environ, **env_like})
+    # Flags win over the environment and are validated by the same types.
+    return Settings.from_env(os.environ, **args)
 
 
 class _Server(uvicorn.Server):

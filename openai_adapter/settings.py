@@ -1,108 +1,127 @@
-"""One settings object, read from environment variables (and CLI flags in main.py)."""
+"""One settings object, read from environment variables (and CLI flags in main.py).
+
+Each field's alias is its environment variable; `Settings(field=value)` (tests) and
+`Settings.from_env()` (the process) both validate through the same types.
+"""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Annotated, Any, ClassVar, Mapping
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Lists are comma-separated in the environment (not JSON, as pydantic-settings assumes).
+CsvList = Annotated[list[str], NoDecode]
 
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+def _env(name: str, field: str, default: Any, **kw: Any) -> Any:
+    """A field whose environment variable is `name` (also settable by field name)."""
+    return Field(default, validation_alias=AliasChoices(field, name), **kw)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Every knob of the adapter. `ENV` maps each field to its environment variable."""
+class Settings(BaseSettings):
+    """Every knob of the adapter."""
 
-    host: str = "0.0.0.0"
-    port: int = 9000
-    triton_grpc_urls: list[str] = field(default_factory=lambda: ["127.0.0.1:8001"])
-    triton_http_urls: list[str] = field(default_factory=lambda: ["http://127.0.0.1:8000"])
-    api_keys: list[str] = field(default_factory=list)
-    max_in_flight: int = 64
-    max_waiting: int = 64
-    request_timeout_s: float = 600.0
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_n: int = 8
-    health_interval_s: float = 2.0
-    health_max_age_s: float = 10.0
-    health_probe_generation: bool = True
-    upstream_timeout_s: float = 5.0
-    breaker_failures: int = 3
-    breaker_open_s: float = 1.0
-    retry_after_s: int = 1
-    shutdown_grace_s: float = 30.0
-    log_level: str = "info"
-    access_log: bool = True
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", case_sensitive=True)
 
-    ENV = {
-        "host": "ADAPTER_HOST",
-        "port": "ADAPTER_PORT",
-        "triton_grpc_urls": "TRITON_GRPC_URLS",
-        "triton_http_urls": "TRITON_HTTP_URLS",
-        "api_keys": "ADAPTER_API_KEYS",
-        "max_in_flight": "ADAPTER_MAX_IN_FLIGHT",
-        "max_waiting": "ADAPTER_MAX_WAITING",
-        "request_timeout_s": "ADAPTER_REQUEST_TIMEOUT_S",
-        "max_body_bytes": "ADAPTER_MAX_BODY_BYTES",
-        "max_n": "ADAPTER_MAX_N",
-        "health_interval_s": "ADAPTER_HEALTH_INTERVAL_S",
-        "health_max_age_s": "ADAPTER_HEALTH_MAX_AGE_S",
-        "health_probe_generation": "ADAPTER_HEALTH_PROBE_GENERATION",
-        "upstream_timeout_s": "ADAPTER_UPSTREAM_TIMEOUT_S",
-        "breaker_failures": "ADAPTER_BREAKER_FAILURES",
-        "breaker_open_s": "ADAPTER_BREAKER_OPEN_S",
-        "retry_after_s": "ADAPTER_RETRY_AFTER_S",
-        "shutdown_grace_s": "ADAPTER_SHUTDOWN_GRACE_S",
-        "log_level": "ADAPTER_LOG_LEVEL",
-        "access_log": "ADAPTER_ACCESS_LOG",
-    }
-    SECRET = frozenset({"api_keys"})
+    host: str = _env("ADAPTER_HOST", "host", "0.0.0.0")
+    port: int = _env("ADAPTER_PORT", "port", 9000)
+    triton_grpc_urls: CsvList = _env("TRITON_GRPC_URLS", "triton_grpc_urls", ["127.0.0.1:8001"])
+    triton_http_urls: CsvList = _env("TRITON_HTTP_URLS", "triton_http_urls", [])
+    api_keys: CsvList = _env("ADAPTER_API_KEYS", "api_keys", [])
+    metrics_token: str = _env("ADAPTER_METRICS_TOKEN", "metrics_token", "")
+    # Accounts (keys, limits, budgets, ledger). "" turns the ledger off.
+    database_url: str = _env("ADAPTER_DATABASE_URL", "database_url", "sqlite:///data/accounts.db")
+    db_migrate: bool = _env("ADAPTER_DB_MIGRATE", "db_migrate", True)
+    heartbeat_s: float = _env("ADAPTER_HEARTBEAT_S", "heartbeat_s", 2.0, gt=0)
+    instance_stale_s: float = _env("ADAPTER_INSTANCE_STALE_S", "instance_stale_s", 15.0, gt=0)
+    max_in_flight: int = _env("ADAPTER_MAX_IN_FLIGHT", "max_in_flight", 64, ge=1)
+    max_waiting: int = _env("ADAPTER_MAX_WAITING", "max_waiting", 64, ge=0)
+    request_timeout_s: float = _env("ADAPTER_REQUEST_TIMEOUT_S", "request_timeout_s", 600.0, ge=0)
+    max_body_bytes: int = _env("ADAPTER_MAX_BODY_BYTES", "max_body_bytes", 4 * 1024 * 1024, ge=0)
+    max_n: int = _env("ADAPTER_MAX_N", "max_n", 8, ge=1)
+    health_interval_s: float = _env("ADAPTER_HEALTH_INTERVAL_S", "health_interval_s", 2.0, ge=0)
+    health_max_age_s: float = _env("ADAPTER_HEALTH_MAX_AGE_S", "health_max_age_s", 10.0)
+    health_probe_generation: bool = _env("ADAPTER_HEALTH_PROBE_GENERATION", "health_probe_generation", True)
+    upstream_timeout_s: float = _env("ADAPTER_UPSTREAM_TIMEOUT_S", "upstream_timeout_s", 5.0)
+    breaker_failures: int = _env("ADAPTER_BREAKER_FAILURES", "breaker_failures", 3, ge=1)
+    breaker_open_s: float = _env("ADAPTER_BREAKER_OPEN_S", "breaker_open_s", 1.0)
+    retry_after_s: int = _env("ADAPTER_RETRY_AFTER_S", "retry_after_s", 1)
+    shutdown_grace_s: float = _env("ADAPTER_SHUTDOWN_GRACE_S", "shutdown_grace_s", 30.0)
+    log_level: str = _env("ADAPTER_LOG_LEVEL", "log_level", "info")
+    access_log: bool = _env("ADAPTER_ACCESS_LOG", "access_log", True)
 
-    def __post_init__(self) -> None:
+    SECRET: ClassVar[frozenset[str]] = frozenset({"api_keys", "metrics_token", "database_url"})
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        # Only what the caller passes: from_env() hands the environment in explicitly,
+        # so a test's Settings(...) never picks up a variable of the machine.
+        return (init_settings,)
+
+    @field_validator("triton_grpc_urls", "triton_http_urls", "api_keys", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if not self.triton_grpc_urls:
+            raise ValueError("TRITON_GRPC_URLS is empty")
+        if not self.triton_http_urls:
+            # Triton's convention: HTTP on the port below gRPC (8000 / 8001).
+            object.__setattr__(self, "triton_http_urls", [_http_beside(u) for u in self.triton_grpc_urls])
         if len(self.triton_grpc_urls) != len(self.triton_http_urls):
             raise ValueError(f"TRITON_GRPC_URLS has {len(self.triton_grpc_urls)} entries and "
                              f"TRITON_HTTP_URLS {len(self.triton_http_urls)}; give one HTTP URL per gRPC URL")
-        if not self.triton_grpc_urls:
-            raise ValueError("TRITON_GRPC_URLS is empty")
-        for name in ("max_in_flight", "max_n", "breaker_failures"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{self.ENV[name]} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_waiting", "request_timeout_s", "max_body_bytes", "health_interval_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{self.ENV[name]} must not be negative, got {getattr(self, name)}")
+        return self
+
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        """field name -> environment variable."""
+        return {name: f.validation_alias.choices[1] for name, f in cls.model_fields.items()}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
-        """Settings from `environ` (default os.environ); keyword overrides win (CLI flags)."""
+        """Settings from `environ` (default os.environ); keyword overrides win (CLI flags).
+        Raises ValueError naming the variable."""
         environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        defaults = cls()
-        for f in fields(cls):
-            var = cls.ENV.get(f.name)
-            if var is None or var not in environ:
-                continue
-            raw = environ[var]
-            default = getattr(defaults, f.name)
-            try:
-                values[f.name] = _parse(raw, default)
-            except ValueError:
-                raise ValueError(f"{var}={raw!r} is not a valid {type(default).__name__}") from None
+        names = cls.env_names()
+        values: dict[str, Any] = {f: environ[v] for f, v in names.items() if v in environ}
         values.update({k: v for k, v in overrides.items() if v is not None})
-        if "triton_grpc_urls" in values and "triton_http_urls" not in values:
-            # Triton's convention: HTTP on the port below gRPC (8000 / 8001).
-            values["triton_http_urls"] = [_http_beside(u) for u in values["triton_grpc_urls"]]
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = str(first["loc"][0]) if first.get("loc") else ""
+            if field in names:
+                raise ValueError(f"{names[field]}={values.get(field)!r} is not valid: {first['msg']}") from None
+            raise ValueError(str(first.get("msg", err)).removeprefix("Value error, ")) from None
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings for the start-up log, secrets replaced."""
         out = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in self.SECRET:
-                value = f"<{len(value)} redacted>" if value else "<none>"
-            out[f.name] = value
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name == "database_url":
+                value = _redact_url(value)
+            elif name in self.SECRET:
+                value = (f"<{len(value)} redacted>" if isinstance(value, list) else "<redacted>") if value else "<none>"
+            out[name] = value
         return out
+
+
+def _redact_url(url: str) -> str:
+    """postgresql://user:secret@host/db -> postgresql://user:***@host/db"""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in creds:
+        return url
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
 
 
 def _http_beside(grpc_url: str) -> str:
@@ -110,16 +129,3 @@ def _http_beside(grpc_url: str) -> str:
     if not host or not port.isdigit():
         raise ValueError(f"TRITON_GRPC_URLS entry {grpc_url!r} is not host:port; set TRITON_HTTP_URLS too")
     return f"http://{host}:{int(port) - 1}"
-
-
-def _parse(raw: str, default: Any) -> Any:
-    if isinstance(default, bool):
-        low = raw.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(raw)
-    if isinstance(default, list):
-        return _csv(raw)
-    return type(default)(raw.strip())
