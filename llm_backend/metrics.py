@@ -35,9 +35,10 @@ class TritonMetrics:
         self.running.set(running)
         self.kv.set(kv_usage)
 
-    def first_token(self, seconds: float, prompt_tokens: int) -> None:
+    def first_token(self, seconds: float, prompt_tokens: int, generated: int) -> None:
         self.prompt.increment(prompt_tokens)
-        self.gen.increment(1)
+        if generated:
+            self.gen.increment(generated)
         if self.ttft is not None:
             self.ttft.observe(seconds)
 

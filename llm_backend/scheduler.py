@@ -65,9 +65,12 @@ class Sink(Protocol):
 
 
 class Metrics(Protocol):
+    """Generated tokens are those of num_output_tokens: an EOS that ends a sequence is
+    not one (nor is the wait for it an inter-token latency)."""
+
     def state(self, waiting: int, running: int, kv_usage: float) -> None: ...
 
-    def first_token(self, seconds: float, prompt_tokens: int) -> None: ...
+    def first_token(self, seconds: float, prompt_tokens: int, generated: int) -> None: ...
 
     def tokens(self, n: int, inter_token_seconds: list[float]) -> None: ...
 
@@ -76,7 +79,7 @@ class NullMetrics:
     def state(self, waiting, running, kv_usage):
         pass
 
-    def first_token(self, seconds, prompt_tokens):
+    def first_token(self, seconds, prompt_tokens, generated):
         pass
 
     def tokens(self, n, inter_token_seconds):
@@ -280,9 +283,10 @@ class Scheduler:
             self.prefilling = None
             self._cache_prompt(seq, row)
             now = time.monotonic()
-            self.emit(self.metrics.first_token, now - seq.arrival, len(seq.prompt))
             seq.last_time = now
-            if self._accept(seq, logits):
+            done = self._accept(seq, logits)
+            self.emit(self.metrics.first_token, now - seq.arrival, len(seq.prompt), len(seq.output))
+            if done:
                 self._finish_after_step(seq)
             else:
                 self.rows.append(seq)
@@ -313,11 +317,14 @@ class Scheduler:
         done, gaps = [], []
         for i, seq in enumerate(self.rows):
             seq.computed += 1
-            gaps.append(now - seq.last_time)
-            seq.last_time = now
+            gap, seq.last_time = now - seq.last_time, now
+            generated = len(seq.output)
             if self._accept(seq, logits[i]):
                 done.append(i)
-        self.emit(self.metrics.tokens, len(self.rows), gaps)
+            if len(seq.output) > generated:
+                gaps.append(gap)
+        if gaps:
+            self.emit(self.metrics.tokens, len(gaps), gaps)
         for i in done:
             self._finish_after_step(self.rows[i])
         self._remove_rows(done)

@@ -392,6 +392,57 @@ def test_eos_ends_with_stop_unless_ignored():
     assert sink.end == ("stop", 3, 2)
 
 
+class FakeMetricFamily:
+    """pb_utils.MetricFamily: each metric keeps its value and observations."""
+    GAUGE, COUNTER, HISTOGRAM = "gauge", "counter", "histogram"
+
+    class Metric:
+        def __init__(self, labels, buckets=None):
+            self.value, self.observed = 0, []
+
+        def set(self, value):
+            self.value = value
+
+        def increment(self, n):
+            self.value += n
+
+        def observe(self, value):
+            self.observed.append(value)
+
+    def __init__(self, name, description, kind):
+        self.name = name
+
+
+def test_generated_tokens_metric_agrees_with_num_output_tokens():
+    """EOS ends a sequence but is not an output token: llm_generation_tokens_total
+    counted it (and its inter-token gap), so it ran ahead of the usage reported."""
+    import types
+
+    from llm_backend.metrics import TritonMetrics
+
+    class EosDecoder(FakeDecoder):                         # EOS once a row holds 5 tokens
+        def _logits(self, history):
+            lg = np.zeros(64, dtype=np.float32)
+            lg[0 if len(history) >= 5 else 41] = 10.0
+            return lg
+
+    m = TritonMetrics(types.SimpleNamespace(MetricFamily=FakeMetricFamily), {"model": "m"})
+    s = _sched(EosDecoder(), metrics=m, max_queue_size=10)
+    sinks = [ListSink() for _ in range(4)]
+    s.submit([1, 2, 3], SamplingParams(max_tokens=10), sinks[0])          # 2 tokens, then EOS
+    s.submit([1, 2, 3, 4, 5], SamplingParams(max_tokens=10), sinks[1])    # EOS first: 0 tokens
+    s.submit([1, 2], SamplingParams(max_tokens=2), sinks[2])              # length: 2 tokens
+    s.submit([1, 2], SamplingParams(max_tokens=10, stop=[")"]), sinks[3])               # stop string: 1 token
+    _run(s)
+    outputs = [k.end[2] for k in sinks]
+    assert outputs == [2, 0, 2, 1]
+    assert m.gen.value == sum(outputs)
+    assert m.prompt.value == 3 + 5 + 2 + 2
+    assert len(m.ttft.observed) == 4
+    assert len(m.itl.observed) == sum(outputs) - sum(1 for n in outputs if n)   # between tokens
+
+
+
 # -- request parsing and responses --------------------------------------------------------------------
 
 
@@ -593,7 +644,7 @@ def test_abort_all_reports_the_emptied_state():
         def state(self, waiting, running, kv_usage):
             self.last = (waiting, running, kv_usage)
 
-        def first_token(self, seconds, prompt_tokens):
+        def first_token(self, seconds, prompt_tokens, generated):
             pass
 
         def tokens(self, n, inter_token_seconds):
