@@ -2,8 +2,9 @@
 
 `parse_request` reads a request's inputs (a `get(name) -> numpy array | None`) into a
 prompt and SamplingParams; `ResponseSink` turns the scheduler's text pieces into the
-responses the interface promises (streaming: one per piece, then an empty final;
-otherwise one with the whole text). model.py supplies the Triton side of both.
+responses the interface promises (streaming: one per piece with the token counts so
+far, then an empty final; otherwise one with the whole text). model.py supplies the
+Triton side of both.
 """
 
 from __future__ import annotations
@@ -123,27 +124,31 @@ class ResponseSink:
     def is_cancelled(self) -> bool:
         return self.sender.is_cancelled()
 
-    def _outputs(self, text: str, logprobs: list[float]) -> dict[str, np.ndarray]:
-        out = {"text_output": _text_tensor(text)}
+    def _outputs(self, text: str, logprobs: list[float], num_input_tokens: int,
+                 num_output_tokens: int) -> dict[str, np.ndarray]:
+        out = {"text_output": _text_tensor(text),
+               "num_input_tokens": np.array([[num_input_tokens]], dtype=np.int32),
+               "num_output_tokens": np.array([[num_output_tokens]], dtype=np.int32)}
         if self.want_logprobs:
             out["output_log_probs"] = np.array([logprobs], dtype=np.float32)
         return out
 
-    def piece(self, text: str, logprobs: list[float]) -> None:
+    def piece(self, text: str, logprobs: list[float], num_input_tokens: int, num_output_tokens: int) -> None:
+        """Streaming: a response with the counts so far, so a client that leaves after
+        it can be billed the tokens generated up to here."""
         if self.stream:
-            self.sender.send(self._outputs(text, logprobs), final=False)
+            self.sender.send(self._outputs(text, logprobs, num_input_tokens, num_output_tokens), final=False)
         else:
             self.text.append(text)
             self.logprobs += logprobs
 
     def finish(self, text, logprobs, finish_reason, num_input_tokens, num_output_tokens) -> None:
         if self.stream:
-            out = self._outputs(text, logprobs)
+            out = self._outputs(text, logprobs, num_input_tokens, num_output_tokens)
         else:
-            out = self._outputs("".join(self.text) + text, self.logprobs + list(logprobs))
+            out = self._outputs("".join(self.text) + text, self.logprobs + list(logprobs),
+                                num_input_tokens, num_output_tokens)
         out["finish_reason"] = np.array([[finish_reason.encode()]], dtype=object)
-        out["num_input_tokens"] = np.array([[num_input_tokens]], dtype=np.int32)
-        out["num_output_tokens"] = np.array([[num_output_tokens]], dtype=np.int32)
         self.done = True
         if self.stream:
             self.sender.send(out, final=False)

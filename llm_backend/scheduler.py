@@ -56,7 +56,8 @@ class Sink(Protocol):
 
     def is_cancelled(self) -> bool: ...
 
-    def piece(self, text: str, logprobs: list[float]) -> None: ...
+    def piece(self, text: str, logprobs: list[float], num_input_tokens: int,
+              num_output_tokens: int) -> None: ...   # output tokens so far, this piece's included
 
     def finish(self, text: str, logprobs: list[float], finish_reason: str,
                num_input_tokens: int, num_output_tokens: int) -> None: ...
@@ -349,7 +350,7 @@ class Scheduler:
             return True
         if text:
             lps, seq.logprobs = seq.logprobs, []
-            self.emit(seq.sink.piece, text, lps)
+            self.emit(seq.sink.piece, text, lps, len(seq.prompt), len(seq.output))
         return False
 
     def _finish_after_step(self, seq: Sequence) -> None:

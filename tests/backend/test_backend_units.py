@@ -263,12 +263,14 @@ class FakeDecoder:
 class ListSink:
     def __init__(self):
         self.pieces, self.end, self.error, self.cancel = [], None, None, False
+        self.counts = []                   # (num_input_tokens, num_output_tokens) of each piece
 
     def is_cancelled(self):
         return self.cancel
 
-    def piece(self, text, logprobs):
+    def piece(self, text, logprobs, n_in, n_out):
         self.pieces.append(text)
+        self.counts.append((n_in, n_out))
 
     def finish(self, text, logprobs, reason, n_in, n_out):
         self.pieces.append(text)
@@ -442,6 +444,28 @@ def test_generated_tokens_metric_agrees_with_num_output_tokens():
     assert len(m.itl.observed) == sum(outputs) - sum(1 for n in outputs if n)   # between tokens
 
 
+def test_streamed_pieces_carry_the_running_token_counts():
+    """So a client that leaves after k pieces can be billed what was generated, also
+    the tokens whose text a stop string held back."""
+    class ScriptDecoder(FakeDecoder):                      # after a 2-token prompt: "!%%!%%%"
+        def _logits(self, history):
+            lg = np.zeros(64, dtype=np.float32)
+            lg[ord("!%%!%%%"[len(history) - 2])] = 10.0
+            return lg
+
+    s = _sched(max_queue_size=10)
+    sink = ListSink()
+    s.submit([1, 2, 3], SamplingParams(max_tokens=6), sink)
+    _run(s)
+    assert sink.counts == [(3, k) for k in range(1, 6)] and sink.end == ("length", 3, 6)
+
+    s = _sched(ScriptDecoder())
+    sink = ListSink()
+    s.submit([1, 2], SamplingParams(max_tokens=10, stop=["%%%"]), sink)
+    _run(s)
+    assert sink.pieces == ["!", "%%!", ""]
+    assert sink.counts == [(2, 1), (2, 4)] and sink.end == ("stop", 2, 7)
+
 
 # -- request parsing and responses --------------------------------------------------------------------
 
@@ -484,17 +508,76 @@ def test_streaming_sink_sends_pieces_then_data_then_empty_final():
     snd = RecordingSender()
     req = parse_request(_inputs(text_input=[b"hi"], stream=[True]), ByteTokenizer())
     sink = ResponseSink(snd, req)
-    sink.piece("a", [])
+    sink.piece("a", [], 2, 1)
     sink.finish("b", [], "length", 2, 2)
     assert [(o["text_output"][0][0] if o else None, f) for o, f in snd.sent] == [(b"a", False), (b"b", False), (None, True)]
     assert snd.sent[1][0]["finish_reason"][0][0] == b"length"
+
+
+def test_streamed_responses_carry_the_running_token_counts():
+    snd = RecordingSender()
+    req = parse_request(_inputs(text_input=[b"hi"], stream=[True]), ByteTokenizer())
+    sink = ResponseSink(snd, req)
+    sink.piece("a", [], 2, 1)
+    sink.piece("bc", [], 2, 3)
+    sink.finish("d", [], "length", 2, 4)
+    data = [o for o, _ in snd.sent if o is not None]
+    assert [(o["num_input_tokens"].tolist(), o["num_output_tokens"].tolist()) for o in data] == [
+        ([[2]], [[1]]), ([[2]], [[3]]), ([[2]], [[4]])]
+    assert all(o["num_output_tokens"].dtype == np.int32 for o in data)
+    assert ["finish_reason" in o for o in data] == [False, False, True]
+
+
+def test_fake_model_streams_the_running_token_counts(monkeypatch):
+    """The fixture model speaks the same interface: every streamed response has counts."""
+    import importlib.util
+    import json
+    import sys
+    import types
+    from pathlib import Path
+
+    class Tensor:
+        def __init__(self, name, value):
+            self.name, self.value = name, value
+
+        def as_numpy(self):
+            return self.value
+
+    inputs = {"text_input": np.array([[b"one two three"]], dtype=object), "max_tokens": np.array([[3]], dtype=np.int32),
+              "stream": np.array([[True]])}
+    pb = types.SimpleNamespace(
+        TRITONSERVER_RESPONSE_COMPLETE_FINAL=1, Tensor=Tensor, TritonError=lambda msg: msg,
+        InferenceResponse=lambda output_tensors=(), error=None: {t.name: t.value for t in output_tensors},
+        get_input_tensor_by_name=lambda request, name: Tensor(name, inputs[name]) if name in inputs else None)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    path = Path(__file__).resolve().parents[1] / "fixtures" / "fakellm" / "model.py"
+    spec = importlib.util.spec_from_file_location("fakellm_model_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class Sender:
+        sent = []
+
+        def send(self, response=None, flags=0):
+            self.sent.append((response, flags))
+
+        def is_cancelled(self):
+            return False
+
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({"parameters": {"fake_delay_ms": {"string_value": "0"}}})})
+    sender = Sender()
+    model._generate(object(), sender)
+    data = [r for r, _ in sender.sent if r is not None]
+    assert [(int(r["num_input_tokens"][0][0]), int(r["num_output_tokens"][0][0])) for r in data] == [(3, 1), (3, 2), (3, 3)]
+    assert ["finish_reason" in r for r in data] == [False, False, True] and sender.sent[-1] == (None, 1)
 
 
 def test_non_streaming_sink_sends_one_final_response():
     snd = RecordingSender()
     req = parse_request(_inputs(text_input=[b"hi"], exclude_input_in_output=[False]), ByteTokenizer())
     sink = ResponseSink(snd, req)
-    sink.piece("a", [])
+    sink.piece("a", [], 2, 1)
     sink.finish("b", [], "stop", 2, 2)
     sink.fail("cancelled", "late")                         # after the end: nothing more
     assert len(snd.sent) == 1 and snd.sent[0][1] and snd.sent[0][0]["text_output"][0][0] == b"hiab"
