@@ -81,7 +81,7 @@ class TritonPythonModel:
         for request in requests:
             sender = TritonSender(request.get_response_sender())
             try:
-                req = parse_request(lambda n, r=request: _input(r, n), self.tokenizer)
+                req = parse_request(lambda n, r=request: _input(r, n), self.tokenizer, self.engine.vocab_size)
                 self.engine.submit(req.prompt, req.params, ResponseSink(sender, req))
             except RequestError as err:
                 sender.send_error(err.kind, err.message)

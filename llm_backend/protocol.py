@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from .sampling import SamplingParams
-from .scheduler import CONTEXT, INVALID, RequestError
+from .scheduler import CONTEXT, INVALID, RequestError, check_token_ids
 
 
 @dataclass
@@ -51,12 +51,14 @@ def _text(value) -> str:
     return str(value)
 
 
-def parse_request(get: Callable[[str], np.ndarray | None], tokenizer) -> ParsedRequest:
-    """Raises RequestError (invalid_request) naming the field, the limit and the value."""
+def parse_request(get: Callable[[str], np.ndarray | None], tokenizer, vocab_size: int) -> ParsedRequest:
+    """Raises RequestError (invalid_request) naming the field, the limit and the value.
+    `vocab_size` is the model's (its embedding rows), which may exceed the tokenizer's."""
     ids = get("input_ids")
     text_arr = get("text_input")
     if ids is not None and np.asarray(ids).size > 0:
         prompt = [int(t) for t in np.asarray(ids).reshape(-1)]
+        check_token_ids(prompt, vocab_size)   # before decoding: the tokenizer fails on a negative id
         prompt_text = tokenizer.decode(prompt, skip_special_tokens=False) if prompt else ""
     elif text_arr is not None:
         flat = np.asarray(text_arr).reshape(-1)

@@ -70,6 +70,10 @@ class EngineThread:
         self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def vocab_size(self) -> int:
+        return self.sched.vocab
+
     def submit(self, prompt: list[int], params: SamplingParams, sink: Sink) -> None:
         if self.closed:
             raise RequestError(OVER_CAPACITY, "the model is unloading; retry later")

@@ -51,6 +51,14 @@ class RequestError(Exception):
         self.message = message
 
 
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    """Raises invalid_request for an id outside the model's vocabulary."""
+    for i, t in enumerate(ids):
+        if not 0 <= t < vocab_size:
+            raise RequestError(INVALID, f"input_ids[{i}] is {t}: token ids must be in [0, {vocab_size}), "
+                                        f"the vocabulary size is {vocab_size}")
+
+
 class Sink(Protocol):
     """Where a request's output goes (model.py: a Triton response sender)."""
 
@@ -143,9 +151,7 @@ class Scheduler:
         n = len(prompt)
         if n == 0:
             raise RequestError(INVALID, "the prompt is empty (text_input or input_ids)")
-        if any(t < 0 or t >= self.vocab for t in prompt):
-            raise RequestError(INVALID, f"input_ids must be in [0, {self.vocab}), got "
-                                        f"{next(t for t in prompt if t < 0 or t >= self.vocab)}")
+        check_token_ids(prompt, self.vocab)
         limit = self.max_model_len
         if params.max_tokens is None:
             if n >= limit:

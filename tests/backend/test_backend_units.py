@@ -491,7 +491,7 @@ def _inputs(**kw):
 def test_parse_request_reads_trtllm_style_tensors():
     req = parse_request(_inputs(text_input=[b"hi"], max_tokens=[np.int32(5)], stream=[True],
                                 stop_words=[b"a", b"bc"], random_seed=[np.uint64(9)],
-                                temperature=[np.float32(0.5)]), ByteTokenizer())
+                                temperature=[np.float32(0.5)]), ByteTokenizer(), 256)
     assert req.prompt == [104, 105] and req.stream and req.params.stop == ["a", "bc"]
     assert req.params.seed == 9 and req.params.max_tokens == 5 and req.params.temperature == 0.5
 
@@ -500,13 +500,13 @@ def test_parse_request_reads_trtllm_style_tensors():
                                       (dict(text_input=[b"\xff"]), "UTF-8")])
 def test_parse_request_errors_are_invalid_request(kw, field):
     with pytest.raises(RequestError) as err:
-        parse_request(_inputs(**kw), ByteTokenizer())
+        parse_request(_inputs(**kw), ByteTokenizer(), 256)
     assert err.value.kind == "invalid_request" and field in str(err.value)
 
 
 def test_streaming_sink_sends_pieces_then_data_then_empty_final():
     snd = RecordingSender()
-    req = parse_request(_inputs(text_input=[b"hi"], stream=[True]), ByteTokenizer())
+    req = parse_request(_inputs(text_input=[b"hi"], stream=[True]), ByteTokenizer(), 256)
     sink = ResponseSink(snd, req)
     sink.piece("a", [], 2, 1)
     sink.finish("b", [], "length", 2, 2)
@@ -516,7 +516,7 @@ def test_streaming_sink_sends_pieces_then_data_then_empty_final():
 
 def test_streamed_responses_carry_the_running_token_counts():
     snd = RecordingSender()
-    req = parse_request(_inputs(text_input=[b"hi"], stream=[True]), ByteTokenizer())
+    req = parse_request(_inputs(text_input=[b"hi"], stream=[True]), ByteTokenizer(), 256)
     sink = ResponseSink(snd, req)
     sink.piece("a", [], 2, 1)
     sink.piece("bc", [], 2, 3)
@@ -526,6 +526,23 @@ def test_streamed_responses_carry_the_running_token_counts():
         ([[2]], [[1]]), ([[2]], [[3]]), ([[2]], [[4]])]
     assert all(o["num_output_tokens"].dtype == np.int32 for o in data)
     assert ["finish_reason" in o for o in data] == [False, False, True]
+
+
+def test_input_ids_outside_the_vocabulary_are_invalid_request():
+    """Checked before the prompt is decoded: the tokenizer failed on a negative id or
+    one of 2**32 or more (OverflowError: a 500). The model's vocabulary is the limit; it
+    may be larger than the tokenizer's."""
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>"))
+    ids = lambda *t: lambda name: np.array([t], dtype=np.int64) if name == "input_ids" else None  # noqa: E731
+    assert parse_request(ids(0, 1, 40), tok, vocab_size=50).prompt == [0, 1, 40]
+    for bad in ([0, -1], [50], [1, 2**40]):
+        with pytest.raises(RequestError) as err:
+            parse_request(ids(*bad), tok, vocab_size=50)
+        msg = str(err.value)
+        assert msg.startswith("invalid_request: input_ids") and "vocabulary size is 50" in msg
+        assert str(bad[-1]) in msg
 
 
 def test_fake_model_streams_the_running_token_counts(monkeypatch):
@@ -575,7 +592,7 @@ def test_fake_model_streams_the_running_token_counts(monkeypatch):
 
 def test_non_streaming_sink_sends_one_final_response():
     snd = RecordingSender()
-    req = parse_request(_inputs(text_input=[b"hi"], exclude_input_in_output=[False]), ByteTokenizer())
+    req = parse_request(_inputs(text_input=[b"hi"], exclude_input_in_output=[False]), ByteTokenizer(), 256)
     sink = ResponseSink(snd, req)
     sink.piece("a", [], 2, 1)
     sink.finish("b", [], "stop", 2, 2)
