@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from contextlib import asynccontextmanager
 from typing import Any, Optional
@@ -12,12 +11,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
+from .accounts import Accounts
 from .admission import Admission
 from .errors import OpenAIError
 from .health import Health, Prober, StaticHealth
 from .metrics import Metrics, RequestCounter
 from .schemas import ChatCompletionRequest, CompletionRequest
-from .serving import Deps
+from .serving import Deps, principal, resolve_model
 from .serving_chat import create_chat_completion
 from .serving_completions import create_completion
 from .settings import Settings
@@ -33,13 +33,14 @@ ops = APIRouter()
 @v1.get("/models")
 async def list_models(raw: Request) -> dict[str, Any]:
     deps: Deps = raw.app.state.deps
-    return {"object": "list", "data": [_model_card(m.name, deps) for m in deps.client.models()]}
+    who = principal(raw)
+    return {"object": "list", "data": [_model_card(m.name, deps) for m in deps.client.models() if who.may_use(m.name)]}
 
 
 @v1.get("/models/{model_id:path}")
 async def get_model(model_id: str, raw: Request) -> dict[str, Any]:
     deps: Deps = raw.app.state.deps
-    return _model_card(deps.client.model(model_id).name, deps)
+    return _model_card(resolve_model(deps, raw, model_id).name, deps)
 
 
 @v1.post("/chat/completions")
@@ -81,6 +82,8 @@ def _model_card(name: str, deps: Deps) -> dict[str, Any]:
 
 
 # -- gate: draining, API keys, body size (before any parsing) -----------------------
+HEALTH = frozenset({"/health/live", "/health/ready"})  # the only routes without a key
+
 class Gate:
     def __init__(self, app: ASGIApp, state: Any) -> None:
         self.app, self.state = app, state
@@ -92,14 +95,17 @@ class Gate:
         deps: Deps = self.state.deps
         s = deps.settings
         path: str = scope.get("path", "")
-        is_health = path.startswith("/health/")
+        is_health = path in HEALTH
         if deps.draining and not is_health:
             return await _reject(send, errors.unavailable("the server is shutting down", s.retry_after_s,
                                                           code="shutting_down"))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if s.api_keys and not is_health and not _authorized(headers.get("authorization", ""), s.api_keys):
-            return await _reject(send, OpenAIError(401, "missing or invalid API key (send Authorization: Bearer KEY)",
-                                                   code="invalid_api_key"))
+        if not is_health:
+            try:
+                who = await deps.accounts.authenticate(path, headers.get("authorization", ""))
+            except OpenAIError as err:
+                return await _reject(send, err)
+            scope.setdefault("state", {})["principal"] = who
         length = headers.get("content-length")
         too_big = OpenAIError(413, f"the request body is larger than the limit of {s.max_body_bytes} bytes",
                               code="request_too_large")
@@ -139,17 +145,6 @@ class Gate:
         await self.app(scope, replay, send)
 
 
-def _authorized(header: str, keys: list[str]) -> bool:
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer":
-        token = ""
-    token_b = token.strip().encode()
-    ok = False
-    for key in keys:  # no early exit: the time does not depend on which key matched
-        ok |= hmac.compare_digest(token_b, key.encode())
-    return ok
-
-
 async def _reject(send: Send, err: OpenAIError) -> None:
     resp = err.response()
     await resp({"type": "http"}, _no_receive, send)
@@ -168,6 +163,8 @@ def create_app(settings: Optional[Settings] = None, client: Optional[LLMClient] 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         m = Metrics()
+        accounts = Accounts(settings, on_refused=lambda key, reason: m.refused.labels(key, reason).inc())
+        await accounts.start()
         admission = Admission(settings.max_in_flight, settings.max_waiting, settings.retry_after_s)
         m.in_flight.set_function(lambda: admission.in_flight)
         m.waiting.set_function(lambda: admission.waiting)
@@ -186,7 +183,7 @@ def create_app(settings: Optional[Settings] = None, client: Optional[LLMClient] 
         else:
             llm = client
             app.state.health = health or StaticHealth(client)
-        app.state.deps = Deps(settings, llm, admission, m)
+        app.state.deps = Deps(settings, llm, admission, m, accounts)
         if client is None:
             app.state.deps.on_generation_ok = prober.note_success
         log.info("settings: %s", settings.redacted())
@@ -199,6 +196,7 @@ def create_app(settings: Optional[Settings] = None, client: Optional[LLMClient] 
             if client is None:
                 for ep in pool.endpoints:
                     await ep.close()
+            await accounts.stop()
 
     app = FastAPI(title="OpenAI-compatible API over Triton", lifespan=lifespan, docs_url=None, redoc_url=None)
     errors.install(app)

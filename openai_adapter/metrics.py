@@ -29,6 +29,8 @@ class Metrics:
                                        ["endpoint", "kind"], registry=r)
         self.circuit_open = Gauge("adapter_circuit_open", "1 when the endpoint's circuit is open",
                                   ["endpoint"], registry=r)
+        self.refused = Counter("adapter_refused_requests", "Requests refused by a key's limits or budgets (429)",
+                               ["key", "reason"], registry=r)
         self.model_ready = Gauge("adapter_model_ready", "1 when the model passed its health probe",
                                  ["model"], registry=r)
 

@@ -18,6 +18,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from . import sse
+from .accounts import ANONYMOUS, Accounts, Principal, Usage as Billed, reserve_for
 from .admission import Admission
 from .errors import ClientGone, OpenAIError, deadline_exceeded, invalid
 from .metrics import Metrics
@@ -37,6 +38,7 @@ class Deps:
     client: LLMClient
     admission: Admission
     metrics: Metrics
+    accounts: Accounts
     draining: bool = False
     on_generation_ok: Callable[[str], None] = lambda model: None  # real traffic also proves health
     created: int = field(default_factory=lambda: int(time.time()))
@@ -50,7 +52,8 @@ class Event:
     text: str
     finish_reason: Optional[str] = None
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # so far (the final count on the last event)
+    model_version: str = ""
 
 
 @dataclass
@@ -114,6 +117,7 @@ async def choice_events(deps: Deps, index: int, req: GenerationRequest, started:
     stopper = StopChecker(req.stop)
     reason: Optional[str] = None
     n_in, n_out, pieces = 0, None, 0
+    version = ""
     last = None
     stream = deps.client.generate(req)
     try:
@@ -130,16 +134,17 @@ async def choice_events(deps: Deps, index: int, req: GenerationRequest, started:
             if chunk.finish_reason:
                 reason = chunk.finish_reason
             text, hit = stopper.feed(chunk.text)
+            version = chunk.model_version or version
             if hit:
-                yield Event(index, text, "stop", n_in, n_out if n_out is not None else pieces)
+                yield Event(index, text, "stop", n_in, n_out if n_out is not None else pieces, version)
                 return  # closing the stream cancels the rest of the generation
             if text:
-                yield Event(index, text)
+                yield Event(index, text, None, n_in, n_out if n_out is not None else pieces, version)
     finally:
         await stream.aclose()
     m.e2e.labels(req.model).observe(time.monotonic() - started)
     deps.on_generation_ok(req.model)
-    yield Event(index, stopper.flush(), finish_reason(reason), n_in, n_out if n_out is not None else pieces)
+    yield Event(index, stopper.flush(), finish_reason(reason), n_in, n_out if n_out is not None else pieces, version)
 
 
 async def merge(streams: list[AsyncIterator[Event]]) -> AsyncIterator[Event]:
@@ -241,38 +246,97 @@ class Formatter:
 
 
 class UsageTally:
-    """Prompt tokens count once per prompt (not per choice of it); completions add up."""
+    """Prompt tokens count once per prompt (not per choice of it); completions add up.
+    Every event carries its choice's counts so far, so a request cut short (client
+    gone, failure) is still counted with the tokens really generated."""
 
     def __init__(self, n: int) -> None:
         self.n = n
         self.prompts: dict[int, int] = {}
-        self.completion = 0
+        self.completions: dict[int, int] = {}
+        self.lengths = 0
+        self.model_version = ""
 
     def add(self, ev: Event) -> None:
         group = ev.index // self.n
         self.prompts[group] = max(self.prompts.get(group, 0), ev.prompt_tokens)
-        self.completion += ev.completion_tokens
+        self.completions[ev.index] = max(self.completions.get(ev.index, 0), ev.completion_tokens)
+        self.model_version = ev.model_version or self.model_version
+        if ev.finish_reason == "length":
+            self.lengths += 1
 
     def usage(self) -> Usage:
-        return Usage(sum(self.prompts.values()), self.completion)
+        return Usage(sum(self.prompts.values()), sum(self.completions.values()))
+
+
+class Accounting:
+    """One admitted request's way through the accounts: settled exactly once, with how
+    it ended (completed, length, cancelled, failed) and the tokens really generated."""
+
+    def __init__(self, deps: Deps, request_id: str, tally: UsageTally, started: float) -> None:
+        self.deps, self.request_id, self.tally, self.started = deps, request_id, tally, started
+        self.first_at: Optional[float] = None
+        self.outcome: Optional[str] = None  # None: ran to its end
+        self.settled = False
+
+    async def settle(self) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        u = self.tally.usage()
+        outcome = self.outcome or ("length" if self.tally.lengths else "completed")
+        now = time.monotonic()
+        ttft = None if self.first_at is None else int((self.first_at - self.started) * 1000)
+        await self.deps.accounts.settle(self.request_id, Billed(u.prompt_tokens, u.completion_tokens, outcome, ttft,
+                                                                int((now - self.started) * 1000),
+                                                                self.tally.model_version))
+
+
+def principal(raw: Request) -> Principal:
+    return getattr(raw.state, "principal", ANONYMOUS)
+
+
+def resolve_model(deps: Deps, raw: Request, name: str):
+    """The model, if this caller's key may use it; otherwise the same 404 as for a model
+    that does not exist (a key does not learn which models others can use)."""
+    if not principal(raw).may_use(name):
+        raise OpenAIError(404, f"the model {name!r} does not exist or your API key may not use it",
+                          param="model", code="model_not_found")
+    return deps.client.model(name)
+
+
+def prompt_bytes(prompt: Any) -> int:
+    return len(prompt) if isinstance(prompt, list) else len(prompt.encode("utf-8"))
 
 
 async def execute(deps: Deps, raw: Request, reqs: list[GenerationRequest], n: int, stream: bool,
-                  fmt: Formatter):
+                  fmt: Formatter, max_model_len: int = 0):
     """Run the choices and answer: an SSE stream, or one JSON body."""
     settings = deps.settings
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.request_timeout_s
     started = time.monotonic()
+    reserve = reserve_for([prompt_bytes(r.prompt) for r in reqs], [r.max_tokens for r in reqs], max_model_len)
+    admitted = await deps.accounts.admit(principal(raw), fmt.id, fmt.model, reserve)
+    headers = admitted.headers
     try:
         await guarded(raw, deps.admission.acquire(), deadline, settings.request_timeout_s)
     except ClientGone:
+        await deps.accounts.release(fmt.id)
         return JSONResponse({}, status_code=499)
+    except OpenAIError as err:
+        await deps.accounts.release(fmt.id)
+        err.extra_headers.update(headers)
+        raise
+    except BaseException:
+        await deps.accounts.release(fmt.id)
+        raise
     events = merge([choice_events(deps, i, r, started) for i, r in enumerate(reqs)])
     tally = UsageTally(n)
+    acct = Accounting(deps, fmt.id, tally, started)
     released = False
 
-    def release() -> None:
+    async def release() -> None:
         nonlocal released
         if not released:
             released = True
@@ -280,18 +344,29 @@ async def execute(deps: Deps, raw: Request, reqs: list[GenerationRequest], n: in
             u = tally.usage()
             deps.metrics.prompt_tokens.labels(fmt.model).inc(u.prompt_tokens)
             deps.metrics.completion_tokens.labels(fmt.model).inc(u.completion_tokens)
+        await acct.settle()
 
     handed_over = False
     try:
         try:
             first = await guarded(raw, events.__anext__(), deadline, settings.request_timeout_s)
+            acct.first_at = time.monotonic()
         except StopAsyncIteration:
             first = None
         except ClientGone:
+            acct.outcome = "cancelled"
             return JSONResponse({}, status_code=499)  # nobody reads it; logged as 499
+        except OpenAIError as err:
+            acct.outcome = "failed"
+            err.extra_headers.update(headers)
+            raise
+        except BaseException:
+            acct.outcome = "failed"
+            raise
         if stream:
             handed_over = True
-            return sse.SSEResponse(_stream_body(first, events, fmt, tally, deadline, settings), release)
+            return sse.SSEResponse(_stream_body(first, events, fmt, tally, deadline, settings, acct), release,
+                                   headers)
         choices = [ChoiceState() for _ in reqs]
 
         async def collect() -> None:
@@ -303,12 +378,20 @@ async def execute(deps: Deps, raw: Request, reqs: list[GenerationRequest], n: in
         try:
             await guarded(raw, collect(), deadline, settings.request_timeout_s)
         except ClientGone:
+            acct.outcome = "cancelled"
             return JSONResponse({}, status_code=499)
-        return JSONResponse(fmt.full(choices, tally.usage()))
+        except OpenAIError as err:
+            acct.outcome = "failed"
+            err.extra_headers.update(headers)
+            raise
+        except BaseException:
+            acct.outcome = "failed"
+            raise
+        return JSONResponse(fmt.full(choices, tally.usage()), headers=headers)
     finally:
         if not handed_over:
             await events.aclose()
-            release()
+            await release()
 
 
 def _apply(state: ChoiceState, ev: Event, tally: UsageTally) -> None:
@@ -316,34 +399,44 @@ def _apply(state: ChoiceState, ev: Event, tally: UsageTally) -> None:
         state.text.append(ev.text)
     if ev.finish_reason is not None:
         state.finish_reason = ev.finish_reason
-        tally.add(ev)
+    tally.add(ev)
 
 
 async def _stream_body(first: Optional[Event], events: AsyncIterator[Event], fmt: Formatter, tally: UsageTally,
-                       deadline: float, settings: Settings) -> AsyncIterator[bytes]:
+                       deadline: float, settings: Settings, acct: Accounting) -> AsyncIterator[bytes]:
     try:
         for c in fmt.prefix():
             yield sse.event(c)
         ev = first
         while ev is not None:
+            tally.add(ev)
             if ev.text:
                 yield sse.event(fmt.delta(ev))
             if ev.finish_reason is not None:
-                tally.add(ev)
                 yield sse.event(fmt.finish(ev))
             async with asyncio.timeout_at(deadline):
                 ev = await anext(events, None)
         if fmt.include_usage:
             yield sse.event(fmt.usage_chunk(tally.usage()))
     except TimeoutError:
+        acct.outcome = "failed"
         yield sse.event(deadline_exceeded(settings.request_timeout_s).body())
     except OpenAIError as err:
+        acct.outcome = "failed"
         yield sse.event(err.body())
     except ClientGone:
+        acct.outcome = "cancelled"
         return
+    except (asyncio.CancelledError, GeneratorExit):
+        acct.outcome = "cancelled"  # the client went away
+        raise
     except Exception:  # a bug here must still end the stream the way clients understand
+        acct.outcome = "failed"
         log.exception("stream failed")
         yield sse.event(OpenAIError(500, "internal server error", code="internal_error").body())
     finally:
         await events.aclose()
+    # Settled before [DONE]: a client that sends its next request at once finds its
+    # key's concurrency and budget already up to date.
+    await acct.settle()
     yield sse.DONE

@@ -8,7 +8,8 @@ from fastapi import Request
 from . import chat_template
 from .errors import invalid
 from .schemas import ChatCompletionRequest
-from .serving import ChoiceState, Deps, Event, Formatter, Usage, check_common, execute, new_id, sampling
+from .serving import (ChoiceState, Deps, Event, Formatter, Usage, check_common, execute, new_id, resolve_model,
+                      sampling)
 
 
 class ChatFormatter(Formatter):
@@ -72,7 +73,7 @@ def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
 async def create_chat_completion(deps: Deps, req: ChatCompletionRequest, raw: Request):
     check_common(req, deps.settings, "chat")
     _check(req)
-    info = deps.client.model(req.model)
+    info = resolve_model(deps, raw, req.model)
     prompt = chat_template.render(info.chat_template, _messages(req), bos_token=info.bos_token,
                                   eos_token=info.eos_token, model=info.name)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -81,4 +82,4 @@ async def create_chat_completion(deps: Deps, req: ChatCompletionRequest, raw: Re
             for i in range(req.n)]
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     fmt = ChatFormatter(rid, req.model, req.n, include_usage)
-    return await execute(deps, raw, reqs, req.n, req.stream, fmt)
+    return await execute(deps, raw, reqs, req.n, req.stream, fmt, info.max_model_len)

@@ -7,7 +7,8 @@ from fastapi import Request
 
 from .errors import invalid
 from .schemas import CompletionRequest
-from .serving import ChoiceState, Deps, Event, Formatter, Usage, check_common, execute, new_id, sampling
+from .serving import (ChoiceState, Deps, Event, Formatter, Usage, check_common, execute, new_id, resolve_model,
+                      sampling)
 
 
 class CompletionFormatter(Formatter):
@@ -56,7 +57,7 @@ async def create_completion(deps: Deps, req: CompletionRequest, raw: Request):
     if len(prompts) * req.n > deps.settings.max_n * 8:
         raise invalid(f"prompts x n must be at most {deps.settings.max_n * 8} (received {len(prompts) * req.n})",
                       param="prompt")
-    info = deps.client.model(req.model)
+    info = resolve_model(deps, raw, req.model)
     rid = new_id("cmpl")
     reqs = []
     echo = []
@@ -68,4 +69,4 @@ async def create_completion(deps: Deps, req: CompletionRequest, raw: Request):
             echo.append(prompt if req.echo and isinstance(prompt, str) else "")
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     fmt = CompletionFormatter(rid, req.model, len(reqs), include_usage, echo)
-    return await execute(deps, raw, reqs, req.n, req.stream, fmt)
+    return await execute(deps, raw, reqs, req.n, req.stream, fmt, info.max_model_len)

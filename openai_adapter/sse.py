@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 from typing import Any, AsyncIterator, Callable
@@ -23,10 +24,12 @@ class SSEResponse(Response):
     Triton request) as soon as the client disconnects, and `on_close` runs exactly once
     whatever happens."""
 
-    def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], None]) -> None:
+    def __init__(self, body: AsyncIterator[bytes], on_close: Callable[[], Any],
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
         self.events = body
         self.on_close = on_close
+        self.extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def pump() -> None:
@@ -34,6 +37,7 @@ class SSEResponse(Response):
                 (b"content-type", b"text/event-stream; charset=utf-8"),
                 (b"cache-control", b"no-cache"),
                 (b"x-accel-buffering", b"no"),
+                *self.extra,
             ]})
             async for data in self.events:
                 await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -54,7 +58,9 @@ class SSEResponse(Response):
             try:
                 await self.events.aclose()
             finally:
-                self.on_close()
+                done = self.on_close()
+                if inspect.isawaitable(done):
+                    await done
         err = results[0]
         if isinstance(err, Exception) and not isinstance(err, OSError):
             log.error("stream failed: %r", err)

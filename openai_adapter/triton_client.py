@@ -52,6 +52,7 @@ class Chunk:
     finish_reason: Optional[str] = None
     num_input_tokens: Optional[int] = None
     num_output_tokens: Optional[int] = None
+    model_version: str = ""
 
 
 @dataclass
@@ -234,7 +235,11 @@ def parse_chunk(result, decoder: Optional[codecs.IncrementalDecoder] = None) -> 
         v = result.as_numpy(name)
         return int(v.reshape(-1)[0]) if v is not None and v.size else None
 
-    return Chunk("".join(pieces), reason, count("num_input_tokens"), count("num_output_tokens"))
+    try:
+        version = result.get_response().model_version
+    except AttributeError:
+        version = ""
+    return Chunk("".join(pieces), reason, count("num_input_tokens"), count("num_output_tokens"), version)
 
 
 class UpstreamDown(Exception):

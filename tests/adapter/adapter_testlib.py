@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -65,8 +66,8 @@ class FakeClient:
                 if delay:
                     await asyncio.sleep(delay)
                 last = i == max_tokens - 1
-                yield Chunk(words[i % len(words)] + " ", "length" if last else None,
-                            n_in if last else None, i + 1 if last else None)
+                # Every piece carries the counts so far, as the llm backend's do.
+                yield Chunk(words[i % len(words)] + " ", "length" if last else None, n_in, i + 1, "1")
             done = True
             self.finished.append(req.request_id)
         finally:
@@ -78,6 +79,8 @@ class FakeClient:
 async def app_client(client: FakeClient | None = None, **settings: Any):
     """(httpx client over the app in process, fake client); runs the lifespan."""
     fake = client or FakeClient()
+    if "database_url" not in settings:  # a ledger of its own, as the adapter has by default
+        settings["database_url"] = f"sqlite:///{tempfile.mkdtemp(prefix='adapter-test-')}/accounts.db"
     app = create_app(Settings(**settings), client=fake)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
