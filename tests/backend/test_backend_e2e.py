@@ -206,6 +206,12 @@ async def test_context_overflow_is_invalid_with_both_numbers(client):
     assert r.error.startswith("invalid_request: ") and "temperature" in r.error
 
 
+async def test_token_ids_outside_the_vocabulary_are_invalid(client):
+    for ids in ([1, -5], [1, 2**40]):
+        r = await generate(client, MODEL, input_ids=ids, max_tokens=2)
+        assert r.error.startswith("invalid_request: input_ids[1] ") and "vocabulary size is " in r.error
+
+
 async def test_multibyte_characters_stream_whole(client):
     prompt = chat("How do you say 'thank you' in Japanese? Answer with the Japanese characters only.")
     streamed = await generate(client, MODEL, prompt, max_tokens=12)
@@ -219,6 +225,7 @@ async def test_multibyte_characters_stream_whole(client):
 async def test_cancelled_stream_frees_its_slot(client, server):
     r = await generate(client, MODEL, PROMPTS[1], max_tokens=400, ignore_eos=True, cancel_after=3)
     assert r.responses == 3
+    assert r.num_input_tokens > 0 and r.num_output_tokens >= 3          # billable after leaving
     for _ in range(100):
         if metric(server, "llm_num_requests_running") == 0:
             break
