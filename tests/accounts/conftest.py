@@ -4,11 +4,15 @@ adapter test helpers."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())  # pgserver asks platformdirs for it
 
 if "adapter_testlib" not in sys.modules:
     _spec = importlib.util.spec_from_file_location(
@@ -41,6 +45,12 @@ def _new_pg_database(server) -> str:
     base = server.get_uri()  # postgresql://postgres:@/postgres?host=/tmp/...
     head, _, query = base.partition("?")
     return head.rsplit("/", 1)[0] + "/" + name + ("?" + query if query else "")
+
+
+@pytest.fixture
+def new_pg_url(postgres_server):
+    """A factory of fresh, empty PostgreSQL databases."""
+    return lambda: _new_pg_database(postgres_server)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
