@@ -7,20 +7,67 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
-Temperature = Annotated[float, Field(strict=True, ge=0.0, le=2.0)]
-TopP = Annotated[float, Field(strict=True, ge=0.0, le=1.0)]
-Penalty = Annotated[float, Field(strict=True, ge=-2.0, le=2.0)]
-MaxTokens = Annotated[StrictInt, Field(ge=1, le=1_000_000)]
+# Every integer the schema accepts must fit the Triton tensor it becomes
+# (triton_client.build_inputs): max_tokens and top_k INT32, seed UINT64 (taken modulo
+# 2**64, after + choice index), input_ids INT64. Floats are finite (JSON NaN/Infinity: 400).
+INT64_MAX = 2**63 - 1
+Temperature = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, le=2.0)]
+TopP = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0.0, le=1.0)]
+Penalty = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-2.0, le=2.0)]
+MaxTokens = Annotated[StrictInt, Field(ge=1, le=1_000_000)]  # INT32
 StopStr = Annotated[str, Field(min_length=1, max_length=256)]
 Stop = Union[StopStr, Annotated[list[StopStr], Field(max_length=4)]]
-Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]
+Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]  # UINT64 modulo 2**64
 N = Annotated[StrictInt, Field(ge=1, le=128)]
+
+
+def _unencodable(value: Any, path: str = "") -> Optional[tuple[str, str]]:
+    """(where, why) for the first string in `value` (a str or nested lists of them)
+    that UTF-8 cannot encode, i.e. one holding a lone surrogate such as JSON's "\\ud800"."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return path, f"a lone surrogate {value[e.start]!r} at character {e.start}"
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _unencodable(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
 
 
 class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _field_names_are_unicode(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                found = _unencodable(key)
+                if found:
+                    raise PydanticCustomError("invalid_unicode", "a field name is not valid Unicode ({why})",
+                                              {"why": found[1]})
+        return data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strings_are_unicode(cls, value: Any) -> Any:
+        # Every string goes on as UTF-8 (Triton's BYTES tensors, the chat template, error
+        # bodies); a lone surrogate failed there as a 500 and reset the connection. Objects
+        # inside are models of their own and check their own fields (a precise `param`).
+        found = _unencodable(value)
+        if found:
+            where, why = found
+            raise PydanticCustomError(
+                "invalid_unicode", "the string {where}is not valid Unicode ({why} cannot be encoded as UTF-8)",
+                {"where": f"at {where} " if where else "", "why": why})
+        return value
 
     @field_validator("*", mode="before")
     @classmethod
@@ -56,7 +103,7 @@ class _Sampling(_Open):
     model: Annotated[str, Field(min_length=1, max_length=256)]
     temperature: Optional[Temperature] = None
     top_p: Optional[TopP] = None
-    top_k: Optional[Annotated[StrictInt, Field(ge=-1, le=1_000_000)]] = None  # vLLM extension
+    top_k: Optional[Annotated[StrictInt, Field(ge=-1, le=1_000_000)]] = None  # vLLM extension; INT32
     seed: Optional[Seed] = None
     presence_penalty: Optional[Penalty] = None
     frequency_penalty: Optional[Penalty] = None
@@ -64,7 +111,7 @@ class _Sampling(_Open):
     n: N = 1
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
-    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100, le=100)]]] = None
+    logit_bias: Optional[dict[str, Annotated[float, Field(allow_inf_nan=False, ge=-100, le=100)]]] = None
     user: Optional[str] = None
     ignore_eos: StrictBool = False  # vLLM extension
 
@@ -88,7 +135,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 # le: the INT64 input_ids tensor (a larger id failed in the gRPC layer as a plain-text 500)
-PromptTokens = Annotated[list[Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]], Field(min_length=1)]
+PromptTokens = Annotated[list[Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]], Field(min_length=1)]
 Prompt = Union[str, Annotated[list[str], Field(min_length=1, max_length=64)], PromptTokens,
                Annotated[list[PromptTokens], Field(min_length=1, max_length=64)]]
 
