@@ -119,7 +119,9 @@ class Ledger:
             if who.key_id is not None:
                 key = self._lock_key(conn, who.key_id)
                 if key is None or key.revoked_ms is not None:
-                    raise AuthError("the API key was revoked")
+                    raise AuthError(f"the API key {key.key_hint if key else ''} was revoked")
+                if key.expires_ms is not None and key.expires_ms <= at_ms:
+                    raise AuthError(f"the API key {key.key_hint} has expired")
                 headers = self._take_rate(conn, key, reserve.tokens, at_ms)
                 if key.max_concurrent is not None:
                     running = conn.execute(sa.select(sa.func.count()).select_from(reservations)
@@ -147,14 +149,19 @@ class Ledger:
             q = q.with_for_update()  # one key's admissions in turn, across every replica
         return conn.execute(q).first()
 
-    def _bucket(self, conn: sa.Connection, key_id: int, kind: str, limit: int, at_ms: int) -> Bucket:
-        row = conn.execute(sa.select(rate_buckets).where(rate_buckets.c.key_id == key_id,
-                                                         rate_buckets.c.kind == kind)).first()
-        if row is None:
-            return Bucket.full(limit, at_ms)
-        b = Bucket(limit, row.level_milli, row.updated_ms)
-        b.refill(at_ms)
-        return b
+    def _buckets(self, conn: sa.Connection, key_id: int, limits: dict[str, int], at_ms: int) -> dict[str, Bucket]:
+        """The key's buckets of the given kinds, refilled to `at_ms` (full if new)."""
+        q = sa.select(rate_buckets).where(rate_buckets.c.key_id == key_id)
+        if self.pg:
+            q = q.with_for_update()  # a concurrent settlement's refund waits, and is not overwritten
+        rows = {r.kind: r for r in conn.execute(q)}
+        out = {}
+        for kind, limit in limits.items():
+            row = rows.get(kind)
+            b = Bucket.full(limit, at_ms) if row is None else Bucket(limit, row.level_milli, row.updated_ms)
+            b.refill(at_ms)
+            out[kind] = b
+        return out
 
     def _save_bucket(self, conn: sa.Connection, key_id: int, kind: str, b: Bucket) -> None:
         done = conn.execute(rate_buckets.update().where(rate_buckets.c.key_id == key_id, rate_buckets.c.kind == kind)
@@ -164,31 +171,29 @@ class Ledger:
                                                       updated_ms=b.updated_ms))
 
     def _take_rate(self, conn: sa.Connection, key, tokens: int, at_ms: int) -> dict[str, str]:
+        limits = {k: v for k, v in (("requests", key.rpm_limit), ("tokens", key.tpm_limit)) if v is not None}
+        if not limits:
+            return {}
+        buckets = self._buckets(conn, key.id, limits, at_ms)
+        amounts = {"requests": 1, "tokens": tokens}
         headers: dict[str, str] = {}
-        plan = [("requests", key.rpm_limit, 1), ("tokens", key.tpm_limit, tokens)]
-        held: list[tuple[str, Bucket, int]] = []
-        for kind, limit, amount in plan:
-            if limit is None:
-                continue
-            b = self._bucket(conn, key.id, kind, limit, at_ms)
-            held.append((kind, b, amount))
-        for kind, b, amount in held:  # check all before taking any
+        for kind, b in buckets.items():  # check all before taking any
+            amount = amounts[kind]
             if b.level_milli < amount * 1000:
-                for k2, b2, _ in held:
+                for k2, b2 in buckets.items():
                     headers.update(_rate_headers(k2, b2))
                 wait = b.wait_ms(amount)
-                unit = "requests" if kind == "requests" else "tokens"
                 if amount > b.limit:
                     msg = (f"Request too large for tokens per min (TPM): limit {b.limit}, requested {amount}. "
                            "Send fewer prompt tokens or a lower max_tokens.")
                     retry = None
                 else:
-                    msg = (f"Rate limit reached for {unit} per min: limit {b.limit}, used {b.limit - b.remaining}, "
+                    msg = (f"Rate limit reached for {kind} per min: limit {b.limit}, used {b.limit - b.remaining}, "
                            f"requested {amount}. Please try again in {format_reset(wait)}.")
                     retry = max(1, -(-wait // 1000))
                 raise LimitExceeded("rate_limit_exceeded", kind, msg, retry, headers)
-        for kind, b, amount in held:
-            b.take(amount)
+        for kind, b in buckets.items():
+            b.take(amounts[kind])
             self._save_bucket(conn, key.id, kind, b)
             headers.update(_rate_headers(kind, b))
         return headers
@@ -201,14 +206,14 @@ class Ledger:
             span = span_of[b.period]
             amount = tokens if b.unit == "tokens" else micros
             ids = dict(key_id=key_id, period=b.period, unit=b.unit, span=span)
-            exists = conn.execute(sa.select(budget_usage.c.committed).where(*_match(ids))).first()
-            if exists is None:
-                conn.execute(budget_usage.insert().values(**ids, committed=0, reserved=0))
             # One conditional statement: two replicas cannot both take the last of a budget.
-            took = conn.execute(budget_usage.update()
-                                .where(*_match(ids), budget_usage.c.committed + budget_usage.c.reserved + amount
-                                       <= b.amount)
-                                .values(reserved=budget_usage.c.reserved + amount)).rowcount
+            take = (budget_usage.update()
+                    .where(*_match(ids), budget_usage.c.committed + budget_usage.c.reserved + amount <= b.amount)
+                    .values(reserved=budget_usage.c.reserved + amount))
+            took = conn.execute(take).rowcount
+            if not took and conn.execute(sa.select(budget_usage.c.committed).where(*_match(ids))).first() is None:
+                conn.execute(budget_usage.insert().values(**ids, committed=0, reserved=0))  # a new day or month
+                took = conn.execute(take).rowcount
             if not took:
                 used = conn.execute(sa.select(budget_usage.c.committed + budget_usage.c.reserved)
                                     .where(*_match(ids))).scalar_one()
@@ -243,16 +248,10 @@ class Ledger:
         return True
 
     def _take_reservation(self, conn: sa.Connection, request_id: str):
-        q = sa.select(reservations).where(reservations.c.request_id == request_id)
-        if self.pg:
-            q = q.with_for_update()
-        res = conn.execute(q).first()
-        if res is None:
-            return None
-        if res.key_id is not None:
-            self._lock_key(conn, res.key_id)
-        conn.execute(reservations.delete().where(reservations.c.request_id == request_id))
-        return res
+        """Remove the reservation and return it, or None if it is gone (settled, released or
+        recovered by someone else): the delete decides, so a request is settled once."""
+        return conn.execute(reservations.delete().where(reservations.c.request_id == request_id)
+                            .returning(*reservations.c)).first()
 
     def _settle(self, conn: sa.Connection, res, usage: Usage, at_ms: int) -> None:
         tokens = usage.prompt_tokens + usage.completion_tokens
@@ -273,11 +272,14 @@ class Ledger:
                          .values(reserved=budget_usage.c.reserved - reserved,
                                  committed=budget_usage.c.committed + used))
         if res.key_id is not None and tokens < res.tokens:
-            key = conn.execute(sa.select(api_keys.c.tpm_limit).where(api_keys.c.id == res.key_id)).first()
-            if key is not None and key.tpm_limit is not None:
-                b = self._bucket(conn, res.key_id, "tokens", key.tpm_limit, at_ms)
-                b.give_back(res.tokens - tokens)
-                self._save_bucket(conn, res.key_id, "tokens", b)
+            # Unused tokens back into the tokens-per-minute bucket, in one statement
+            # (capped at the limit), so settling needs no lock on the key.
+            back = (res.tokens - tokens) * 1000
+            limit = sa.select(api_keys.c.tpm_limit * 1000).where(api_keys.c.id == res.key_id).scalar_subquery()
+            level = rate_buckets.c.level_milli + back
+            conn.execute(rate_buckets.update()
+                         .where(rate_buckets.c.key_id == res.key_id, rate_buckets.c.kind == "tokens")
+                         .values(level_milli=sa.case((level > limit, limit), else_=level)))
 
     # -- processes and crash recovery ---------------------------------------------
     def heartbeat(self, at_ms: Optional[int] = None) -> None:

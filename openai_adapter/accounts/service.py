@@ -21,6 +21,7 @@ log = logging.getLogger("openai_adapter.accounts")
 
 ANONYMOUS = Principal(None, "anonymous")
 KEYS_CHECK_S = 1.0  # how stale "does any key exist" may be (a new key locks the API within this)
+PRINCIPAL_TTL_S = 1.0  # how long an authenticated key is trusted without asking the database
 
 
 def auth_error(message: str) -> OpenAIError:
@@ -41,6 +42,7 @@ class Accounts:
         self._any_key_at = -1e9
         self._task: Optional[asyncio.Task] = None
         self._settling: set[asyncio.Task] = set()
+        self._principals: dict[str, tuple[Principal, float]] = {}
 
     async def _run(self, fn, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -125,10 +127,20 @@ class Accounts:
             return Principal(None, f"static-key-{matched + 1}")
         if self.ledger is None:
             raise auth_error("invalid API key")
+        now = time.monotonic()
+        cached = self._principals.get(token)
+        if cached is not None and cached[1] > now:
+            return cached[0]
         try:
-            return await self._run(self.ledger.authenticate, token)
+            who = await self._run(self.ledger.authenticate, token)
         except AuthError as err:
             raise auth_error(str(err)) from None
+        if len(self._principals) > 10_000:
+            self._principals.clear()
+        # Kept 1 s: a revoked key is refused here within that, and at once by admission,
+        # which reads the key's row in its own transaction.
+        self._principals[token] = (who, now + PRINCIPAL_TTL_S)
+        return who
 
     # -- a request's accounting ---------------------------------------------------
     async def admit(self, who: Principal, request_id: str, model: str, reserve: Reserve) -> Admitted:

@@ -108,6 +108,7 @@ class AdapterProcess:
         self.log_path = log_path
         self.env = dict(os.environ, ADAPTER_HOST="127.0.0.1", ADAPTER_PORT=str(self.port),
                         TRITON_GRPC_URLS=grpc_url, TRITON_HTTP_URLS=http_url, HF_HUB_OFFLINE="1",
+                        ADAPTER_DATABASE_URL=f"sqlite:///{log_path.parent}/accounts-{self.port}.db",
                         **{k: str(v) for k, v in env.items()})
         self.proc: subprocess.Popen | None = None
 
