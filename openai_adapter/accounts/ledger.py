@@ -146,7 +146,10 @@ class Ledger:
     def _lock_key(self, conn: sa.Connection, key_id: int):
         q = sa.select(api_keys).where(api_keys.c.id == key_id)
         if self.pg:
-            q = q.with_for_update()  # one key's admissions in turn, across every replica
+            # One key's admissions in turn, across every replica. NO KEY UPDATE, not
+            # UPDATE: a settlement's ledger insert takes KEY SHARE on this row for its
+            # foreign key, and must not wait for an admission that waits for it.
+            q = q.with_for_update(key_share=True)
         return conn.execute(q).first()
 
     def _buckets(self, conn: sa.Connection, key_id: int, limits: dict[str, int], at_ms: int) -> dict[str, Bucket]:
@@ -264,13 +267,8 @@ class Ledger:
             duration_ms=usage.duration_ms, cost_micros=cost, started_ms=res.created_ms, ended_ms=at_ms))
 
     def _unreserve(self, conn: sa.Connection, res, tokens: int, cost: int, at_ms: int) -> None:
-        for period, unit, span in json.loads(res.windows):
-            reserved = res.tokens if unit == "tokens" else res.micros
-            used = tokens if unit == "tokens" else cost
-            conn.execute(budget_usage.update()
-                         .where(*_match(dict(key_id=res.key_id, period=period, unit=unit, span=span)))
-                         .values(reserved=budget_usage.c.reserved - reserved,
-                                 committed=budget_usage.c.committed + used))
+        # Locks in admission's order (bucket rows, then budget rows): no deadlock between
+        # a settlement and an admission of the same key on PostgreSQL.
         if res.key_id is not None and tokens < res.tokens:
             # Unused tokens back into the tokens-per-minute bucket, in one statement
             # (capped at the limit), so settling needs no lock on the key.
@@ -280,6 +278,13 @@ class Ledger:
             conn.execute(rate_buckets.update()
                          .where(rate_buckets.c.key_id == res.key_id, rate_buckets.c.kind == "tokens")
                          .values(level_milli=sa.case((level > limit, limit), else_=level)))
+        for period, unit, span in json.loads(res.windows):
+            reserved = res.tokens if unit == "tokens" else res.micros
+            used = tokens if unit == "tokens" else cost
+            conn.execute(budget_usage.update()
+                         .where(*_match(dict(key_id=res.key_id, period=period, unit=unit, span=span)))
+                         .values(reserved=budget_usage.c.reserved - reserved,
+                                 committed=budget_usage.c.committed + used))
 
     # -- processes and crash recovery ---------------------------------------------
     def heartbeat(self, at_ms: Optional[int] = None) -> None:
