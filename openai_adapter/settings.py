@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     port: int = _env("ADAPTER_PORT", "port", 9000)
     triton_grpc_urls: CsvList = _env("TRITON_GRPC_URLS", "triton_grpc_urls", ["127.0.0.1:8001"])
     triton_http_urls: CsvList = _env("TRITON_HTTP_URLS", "triton_http_urls", [])
+    # Triton's model-repository API (the model index) answers only with this key.
+    triton_repository_key: str = _env("TRITON_REPOSITORY_KEY", "triton_repository_key", "")
     api_keys: CsvList = _env("ADAPTER_API_KEYS", "api_keys", [])
     metrics_token: str = _env("ADAPTER_METRICS_TOKEN", "metrics_token", "")
     # Accounts (keys, limits, budgets, ledger). "" turns the ledger off.
@@ -52,7 +54,8 @@ class Settings(BaseSettings):
     log_level: str = _env("ADAPTER_LOG_LEVEL", "log_level", "info")
     access_log: bool = _env("ADAPTER_ACCESS_LOG", "access_log", True)
 
-    SECRET: ClassVar[frozenset[str]] = frozenset({"api_keys", "metrics_token", "database_url"})
+    SECRET: ClassVar[frozenset[str]] = frozenset({"api_keys", "metrics_token", "database_url",
+                                                  "triton_repository_key"})
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

@@ -25,6 +25,9 @@ from .errors import ClientGone, OpenAIError, from_model_message, unavailable
 
 log = logging.getLogger("openai_adapter.triton")
 
+# The header Triton's restricted model-repository API expects (stack/triton.py sets it).
+REPOSITORY_KEY_HEADER = "llm-repository-key"
+
 
 @dataclass
 class GenerationRequest:
@@ -128,8 +131,10 @@ _DOWN = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.I
 class Endpoint:
     """One Triton server: its channels, circuit, load and what it serves."""
 
-    def __init__(self, grpc_url: str, http_url: str, breaker: CircuitBreaker, http_timeout: float) -> None:
+    def __init__(self, grpc_url: str, http_url: str, breaker: CircuitBreaker, http_timeout: float,
+                 repository_key: str = "") -> None:
         self.grpc_url, self.http_url = grpc_url, http_url
+        self.admin_headers = {REPOSITORY_KEY_HEADER: repository_key} if repository_key else None
         self.breaker = breaker
         self.in_flight = 0
         self.models: dict[str, ModelInfo] = {}
@@ -148,7 +153,7 @@ class Endpoint:
         """Learn the models and their readiness; raises when Triton does not answer."""
         if not await self.http.is_server_live():
             raise ConnectionError("not live")
-        index = await self.http.get_model_repository_index()
+        index = await self.http.get_model_repository_index(headers=self.admin_headers)
         ready: set[str] = set()
         versions: dict[str, list[str]] = {}
         for entry in index:
@@ -251,9 +256,9 @@ class TritonPool:
 
     def __init__(self, grpc_urls: list[str], http_urls: list[str], *, breaker_failures: int = 3,
                  breaker_open_s: float = 1.0, http_timeout: float = 5.0, retry_after: int = 1,
-                 on_upstream_error=None) -> None:
-        self.endpoints = [Endpoint(g, h, CircuitBreaker(breaker_failures, breaker_open_s), http_timeout)
-                          for g, h in zip(grpc_urls, http_urls)]
+                 on_upstream_error=None, repository_key: str = "") -> None:
+        self.endpoints = [Endpoint(g, h, CircuitBreaker(breaker_failures, breaker_open_s), http_timeout,
+                                   repository_key) for g, h in zip(grpc_urls, http_urls)]
         self.retry_after = retry_after
         self._rr = itertools.count()
         self._on_error = on_upstream_error or (lambda endpoint, kind: None)

@@ -92,7 +92,8 @@ def main() -> int:
         triton.start()
         triton.wait_ready(timeout=300)
         env = dict(os.environ, ADAPTER_HOST=host, ADAPTER_PORT=str(port),
-                   TRITON_GRPC_URLS=f"127.0.0.1:{grpc_port}", TRITON_HTTP_URLS=f"http://127.0.0.1:{http_port}")
+                   TRITON_REPOSITORY_KEY=triton.repository_key, TRITON_GRPC_URLS=f"127.0.0.1:{grpc_port}",
+                   TRITON_HTTP_URLS=f"http://127.0.0.1:{http_port}")
         adapter_log = open(LOG_DIR / "adapter.log", "ab")
         print(f"serve: starting the OpenAI adapter on {host}:{port}; log {LOG_DIR / 'adapter.log'}", flush=True)
         adapter = subprocess.Popen([sys.executable, "-m", "openai_adapter.main"], env=env, cwd=REPO_ROOT,

@@ -9,6 +9,13 @@ Triton finds backends in a directory of `<name>/` folders. We assemble one under
   every exported model directory names with `backend: "llm"`. The model code
   therefore exists once; model directories hold only configuration and artifacts.
 
+Triton runs in explicit model-control mode and loads every model of the repository at
+start (as before), so `llm-deploy` can load a new version beside the serving one and
+unload an old one; it listens on loopback unless told otherwise, and its
+model-repository API (load, unload, index) answers only requests that carry the
+repository key (`TRITON_REPOSITORY_KEY`, header `llm-repository-key`): model control is
+an administrator's power, and the adapter's API keys must not be bypassable.
+
 The stub process embeds libpython. Left alone it finds the system's libpython,
 which does not match this interpreter's standard library, so we put this
 interpreter's LIBDIR first on LD_LIBRARY_PATH and the venv's bin/ first on PATH.
@@ -31,6 +38,24 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BACKEND_NAME = "llm"
+REPOSITORY_KEY_HEADER = "llm-repository-key"
+KEY_FILE = REPO_ROOT / "build" / "triton-repository-key"
+
+
+def repository_key() -> str:
+    """TRITON_REPOSITORY_KEY, else this checkout's key file (made once, mode 600), so
+    `make serve`, `make triton` and `llm-deploy` on this machine agree without set-up."""
+    key = os.environ.get("TRITON_REPOSITORY_KEY", "").strip()
+    if key:
+        return key
+    if not KEY_FILE.exists():
+        import secrets
+        KEY_FILE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = KEY_FILE.with_name(f".{KEY_FILE.name}.{os.getpid()}")
+        tmp.write_text(secrets.token_urlsafe(32) + "\n")
+        tmp.chmod(0o600)
+        os.replace(tmp, KEY_FILE)
+    return KEY_FILE.read_text().strip()
 
 
 def _package_dir(name: str) -> Path:
@@ -106,6 +131,9 @@ class TritonServer:
     log_path: Path | None = None
     extra_backends: dict[str, Path] = field(default_factory=dict)
     extra_args: list[str] = field(default_factory=list)
+    # Loopback unless told otherwise (TRITON_ADDRESS): only the adapter should reach it.
+    address: str = field(default_factory=lambda: os.environ.get("TRITON_ADDRESS", "127.0.0.1"))
+    repository_key: str = field(default_factory=repository_key)
     proc: subprocess.Popen | None = None
     # The Python-based backends' shared-memory regions (/dev/shm) start with this, one
     # prefix per server: a server killed with SIGKILL cannot remove its own, so
@@ -129,8 +157,15 @@ class TritonServer:
             f"--http-port={self.http_port}",
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
+            f"--http-address={self.address}",
+            f"--grpc-address={self.address}",
+            f"--metrics-address={self.address}",
             "--allow-metrics=true",
             "--log-info=true",
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            f"--http-restricted-api=model-repository:{REPOSITORY_KEY_HEADER}={self.repository_key}",
+            f"--grpc-restricted-protocol=model-repository:{REPOSITORY_KEY_HEADER}={self.repository_key}",
             *(f"--backend-config={name},shm-region-prefix-name={self.shm_prefix}{name}_"
               for name in ("python", BACKEND_NAME, *self.extra_backends)),
             *self.extra_args,
@@ -235,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_command:
         for key in ("LD_LIBRARY_PATH", "PATH", "PYTHONPATH"):
             print(f"export {key}={env[key]}")
-        print(" ".join(cmd))
+        print(" ".join(cmd).replace(server.repository_key, "$TRITON_REPOSITORY_KEY"))
         return 0
     os.execve(cmd[0], cmd, env)
     return 0  # not reached
