@@ -16,6 +16,7 @@ from .admission import Admission
 from .errors import OpenAIError
 from .health import Health, Prober, StaticHealth
 from .metrics import Metrics, RequestCounter
+from .routing import Router
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .serving import Deps, principal, resolve_model
 from .serving_chat import create_chat_completion
@@ -40,7 +41,8 @@ async def list_models(raw: Request) -> dict[str, Any]:
 @v1.get("/models/{model_id:path}")
 async def get_model(model_id: str, raw: Request) -> dict[str, Any]:
     deps: Deps = raw.app.state.deps
-    return _model_card(resolve_model(deps, raw, model_id).name, deps)
+    resolve_model(deps, raw, model_id)  # 404 unless it exists for this key (a pinned version must be loaded)
+    return _model_card(model_id, deps)
 
 
 @v1.post("/chat/completions")
@@ -184,7 +186,11 @@ def create_app(settings: Optional[Settings] = None, client: Optional[LLMClient] 
         else:
             llm = client
             app.state.health = health or StaticHealth(client)
-        app.state.deps = Deps(settings, llm, admission, m, accounts)
+        # Routes live in the accounts database, shared by the replicas (none: newest version).
+        router = Router(accounts.ledger.engine if accounts.ledger is not None else None,
+                        settings.routes_poll_s)
+        await router.start()
+        app.state.deps = Deps(settings, llm, admission, m, accounts, router)
         if client is None:
             app.state.deps.on_generation_ok = prober.note_success
         log.info("settings: %s", settings.redacted())
@@ -197,6 +203,7 @@ def create_app(settings: Optional[Settings] = None, client: Optional[LLMClient] 
             if client is None:
                 for ep in pool.endpoints:
                     await ep.close()
+            await router.stop()
             await accounts.stop()
 
     app = FastAPI(title="OpenAI-compatible API over Triton", lifespan=lifespan, docs_url=None, redoc_url=None)

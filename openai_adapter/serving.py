@@ -22,10 +22,11 @@ from .accounts import ANONYMOUS, Accounts, Principal, Usage as Billed, reserve_f
 from .admission import Admission
 from .errors import ClientGone, OpenAIError, deadline_exceeded, invalid
 from .metrics import Metrics
+from .routing import Router, choose, split_pin
 from .schemas import _Sampling
 from .settings import Settings
 from .stop import StopChecker
-from .triton_client import GenerationRequest, LLMClient
+from .triton_client import GenerationRequest, LLMClient, ModelInfo
 
 log = logging.getLogger("openai_adapter.serving")
 
@@ -39,6 +40,7 @@ class Deps:
     admission: Admission
     metrics: Metrics
     accounts: Accounts
+    router: Router = field(default_factory=lambda: Router(None))
     draining: bool = False
     on_generation_ok: Callable[[str], None] = lambda model: None  # real traffic also proves health
     created: int = field(default_factory=lambda: int(time.time()))
@@ -94,7 +96,7 @@ def check_common(req: _Sampling, settings: Settings, what: str) -> None:
 
 
 def sampling(req: _Sampling, model: str, prompt: Any, max_tokens: Optional[int], request_id: str,
-             choice: int = 0) -> GenerationRequest:
+             choice: int = 0, version: str = "") -> GenerationRequest:
     # With a seed, choice j samples with seed + j: reproducible, yet n different choices.
     seed = None if req.seed is None else req.seed + choice
     # OpenAI's default is temperature 1, while a Triton LLM model without the tensor
@@ -108,7 +110,7 @@ def sampling(req: _Sampling, model: str, prompt: Any, max_tokens: Optional[int],
     return GenerationRequest(model=model, prompt=prompt, max_tokens=max_tokens, stop=req.stop_list(),
                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                              presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                             ignore_eos=req.ignore_eos, request_id=request_id)
+                             ignore_eos=req.ignore_eos, request_id=request_id, model_version=version)
 
 
 async def choice_events(deps: Deps, index: int, req: GenerationRequest, started: float) -> AsyncIterator[Event]:
@@ -296,13 +298,17 @@ def principal(raw: Request) -> Principal:
     return getattr(raw.state, "principal", ANONYMOUS)
 
 
-def resolve_model(deps: Deps, raw: Request, name: str):
-    """The model, if this caller's key may use it; otherwise the same 404 as for a model
-    that does not exist (a key does not learn which models others can use)."""
+def resolve_model(deps: Deps, raw: Request, requested: str) -> tuple[ModelInfo, str]:
+    """The model and the version this request goes to (NAME or NAME@N), if the caller's
+    key may use it; a model the key may not use gets the same 404 as one that does not
+    exist (a key does not learn which models others can use)."""
+    name, pinned = split_pin(requested)
     if not principal(raw).may_use(name):
         raise OpenAIError(404, f"the model {name!r} does not exist or your API key may not use it",
                           param="model", code="model_not_found")
-    return deps.client.model(name)
+    info = deps.client.model(name)
+    version = choose(name, deps.router.get(name), deps.client.versions(name), pinned, deps.settings.retry_after_s)
+    return info, str(version)
 
 
 def prompt_bytes(prompt: Any) -> int:
@@ -317,8 +323,10 @@ async def execute(deps: Deps, raw: Request, reqs: list[GenerationRequest], n: in
     deadline = loop.time() + settings.request_timeout_s
     started = time.monotonic()
     reserve = reserve_for([prompt_bytes(r.prompt) for r in reqs], [r.max_tokens for r in reqs], max_model_len)
-    admitted = await deps.accounts.admit(principal(raw), fmt.id, fmt.model, reserve)
-    headers = admitted.headers
+    admitted = await deps.accounts.admit(principal(raw), fmt.id, reqs[0].model, reserve)
+    headers = dict(admitted.headers)
+    if reqs[0].model_version:
+        headers["x-model-version"] = reqs[0].model_version  # which version answers (roll-outs)
     try:
         await guarded(raw, deps.admission.acquire(), deadline, settings.request_timeout_s)
     except ClientGone:

@@ -73,12 +73,12 @@ def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
 async def create_chat_completion(deps: Deps, req: ChatCompletionRequest, raw: Request):
     check_common(req, deps.settings, "chat")
     _check(req)
-    info = resolve_model(deps, raw, req.model)
+    info, version = resolve_model(deps, raw, req.model)
     prompt = chat_template.render(info.chat_template, _messages(req), bos_token=info.bos_token,
                                   eos_token=info.eos_token, model=info.name)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     rid = new_id("chatcmpl")
-    reqs = [sampling(req, info.name, prompt, max_tokens, rid if req.n == 1 else f"{rid}-{i}", i)
+    reqs = [sampling(req, info.name, prompt, max_tokens, rid if req.n == 1 else f"{rid}-{i}", i, version)
             for i in range(req.n)]
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     fmt = ChatFormatter(rid, req.model, req.n, include_usage)

@@ -57,7 +57,7 @@ async def create_completion(deps: Deps, req: CompletionRequest, raw: Request):
     if len(prompts) * req.n > deps.settings.max_n * 8:
         raise invalid(f"prompts x n must be at most {deps.settings.max_n * 8} (received {len(prompts) * req.n})",
                       param="prompt")
-    info = resolve_model(deps, raw, req.model)
+    info, version = resolve_model(deps, raw, req.model)
     rid = new_id("cmpl")
     reqs = []
     echo = []
@@ -65,7 +65,7 @@ async def create_completion(deps: Deps, req: CompletionRequest, raw: Request):
         for j in range(req.n):
             i = p * req.n + j
             reqs.append(sampling(req, info.name, prompt, req.max_tokens,
-                                 rid if len(prompts) * req.n == 1 else f"{rid}-{i}", j))
+                                 rid if len(prompts) * req.n == 1 else f"{rid}-{i}", j, version))
             echo.append(prompt if req.echo and isinstance(prompt, str) else "")
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     fmt = CompletionFormatter(rid, req.model, len(reqs), include_usage, echo)

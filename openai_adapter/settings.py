@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     database_url: str = _env("ADAPTER_DATABASE_URL", "database_url", "sqlite:///data/accounts.db")
     db_migrate: bool = _env("ADAPTER_DB_MIGRATE", "db_migrate", True)
     heartbeat_s: float = _env("ADAPTER_HEARTBEAT_S", "heartbeat_s", 2.0, gt=0)
+    routes_poll_s: float = _env("ADAPTER_ROUTES_POLL_S", "routes_poll_s", 1.0, gt=0)  # llm-deploy's switches
     instance_stale_s: float = _env("ADAPTER_INSTANCE_STALE_S", "instance_stale_s", 15.0, gt=0)
     max_in_flight: int = _env("ADAPTER_MAX_IN_FLIGHT", "max_in_flight", 64, ge=1)
     max_waiting: int = _env("ADAPTER_MAX_WAITING", "max_waiting", 64, ge=0)

@@ -45,6 +45,7 @@ class GenerationRequest:
     frequency_penalty: Optional[float] = None
     ignore_eos: bool = False
     request_id: str = ""
+    model_version: str = ""  # "": Triton's choice (the newest loaded version)
 
 
 @dataclass
@@ -77,6 +78,9 @@ class LLMClient(Protocol):
 
     def models(self) -> list[ModelInfo]:
         """Models ready on at least one endpoint."""
+
+    def versions(self, name: str) -> set[int]:
+        """The versions of a model that are ready on at least one usable endpoint."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Stream the model's responses; raises OpenAIError/ClientGone. Closing it cancels."""
@@ -139,6 +143,7 @@ class Endpoint:
         self.in_flight = 0
         self.models: dict[str, ModelInfo] = {}
         self.ready: set[str] = set()
+        self.ready_versions: dict[str, frozenset[int]] = {}
         self.versions: dict[str, str] = {}  # model -> versions seen, to re-read a reloaded config
         self.reachable = False
         self.grpc = grpcclient.InferenceServerClient(grpc_url, channel_args=_GRPC_CHANNEL_ARGS)
@@ -146,8 +151,10 @@ class Endpoint:
         self.http = httpclient.InferenceServerClient(host, conn_timeout=http_timeout,
                                                      ssl=http_url.startswith("https://"))
 
-    def usable(self, model: str) -> bool:
-        return not self.breaker.is_open and model in self.ready
+    def usable(self, model: str, version: str = "") -> bool:
+        if self.breaker.is_open or model not in self.ready:
+            return False
+        return not version or int(version) in self.ready_versions.get(model, ())
 
     async def refresh(self) -> None:
         """Learn the models and their readiness; raises when Triton does not answer."""
@@ -170,6 +177,7 @@ class Endpoint:
                 self.models[name] = info
                 self.versions[name] = seen
             ready.add(name)
+        self.ready_versions = {name: frozenset(int(v) for v in vs if v.isdigit()) for name, vs in versions.items()}
         self.ready = ready
         self.reachable = True
 
@@ -275,6 +283,9 @@ class TritonPool:
         ready = {m for ep in self.endpoints if not ep.breaker.is_open for m in ep.ready}
         return [known[m] for m in sorted(ready) if m in known]
 
+    def versions(self, name: str) -> set[int]:
+        return {v for ep in self.endpoints if ep.usable(name) for v in ep.ready_versions.get(name, ())}
+
     def model(self, name: str) -> ModelInfo:
         known = self._all_models()
         if name not in known:
@@ -285,9 +296,9 @@ class TritonPool:
             raise unavailable(f"the model {name!r} is not ready", self.retry_after, code="model_not_ready")
         return known[name]
 
-    def pick(self, model: str, exclude: set[int] = frozenset()) -> Optional[Endpoint]:
-        """The least loaded usable endpoint (ties in turn)."""
-        candidates = [ep for i, ep in enumerate(self.endpoints) if ep.usable(model) and i not in exclude]
+    def pick(self, model: str, exclude: set[int] = frozenset(), version: str = "") -> Optional[Endpoint]:
+        """The least loaded usable endpoint that has the version ready (ties in turn)."""
+        candidates = [ep for i, ep in enumerate(self.endpoints) if ep.usable(model, version) and i not in exclude]
         if not candidates:
             return None
         low = min(ep.in_flight for ep in candidates)
@@ -298,7 +309,7 @@ class TritonPool:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         tried: set[int] = set()
         while True:
-            ep = self.pick(request.model, tried)
+            ep = self.pick(request.model, tried, request.model_version)
             if ep is None:
                 raise unavailable(f"the model {request.model!r} is not ready on any inference server",
                                   self.retry_after, code="model_not_ready")
@@ -321,8 +332,8 @@ class TritonPool:
         inputs = build_inputs(request)
 
         async def requests():
-            yield {"model_name": request.model, "inputs": inputs, "request_id": request.request_id,
-                   "parameters": {"triton_enable_empty_final_response": True}}
+            yield {"model_name": request.model, "model_version": request.model_version, "inputs": inputs,
+                   "request_id": request.request_id, "parameters": {"triton_enable_empty_final_response": True}}
             await done.wait()  # keep our half open until the final response came
 
         ep.in_flight += 1

@@ -109,3 +109,17 @@ instances = sa.Table(
     sa.Column("started_ms", sa.BigInteger, nullable=False),
     sa.Column("heartbeat_ms", sa.BigInteger, nullable=False),
 )
+
+# Which version of a model takes traffic (written by llm-deploy, read by every adapter
+# replica about once a second). No row: the newest ready version.
+model_routes = sa.Table(
+    "model_routes", metadata,
+    sa.Column("model", sa.String(256), primary_key=True),
+    sa.Column("serving_version", sa.Integer, nullable=False),
+    sa.Column("serving_since_ms", sa.BigInteger, nullable=False),
+    sa.Column("previous_version", sa.Integer),  # still loaded: `rollback` goes back to it at once
+    sa.Column("canary_version", sa.Integer),
+    sa.Column("canary_percent", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("canary_since_ms", sa.BigInteger),
+    sa.Column("updated_ms", sa.BigInteger, nullable=False),
+)

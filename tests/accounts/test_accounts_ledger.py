@@ -193,7 +193,7 @@ def test_schema_check_names_the_command(db_url):
     e = make_engine(db_url)
     with pytest.raises(SchemaOutOfDate, match="llm-admin migrate"):
         check_schema(e)
-    assert migrate(e) == (None, "0001")
+    assert migrate(e) == (None, "0002")
     check_schema(e)
-    assert migrate(e) == ("0001", "0001")
+    assert migrate(e) == ("0002", "0002")
     e.dispose()

@@ -40,6 +40,9 @@ class FakeClient:
     def models(self) -> list[ModelInfo]:
         return list(self.infos.values()) if self.ready else []
 
+    def versions(self, name: str) -> set[int]:
+        return {1} if self.ready and name in self.infos else set()
+
     def model(self, name: str) -> ModelInfo:
         if name not in self.infos:
             raise OpenAIError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")

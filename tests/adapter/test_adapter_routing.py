@@ -1,0 +1,47 @@
+"""Which version a request goes to: routes, canaries, pins (pure)."""
+from __future__ import annotations
+
+import pytest
+
+from openai_adapter.errors import OpenAIError
+from openai_adapter.routing import Route, choose, split_pin
+
+
+def test_split_pin():
+    assert split_pin("m") == ("m", None)
+    assert split_pin("m@2") == ("m", 2)
+    assert split_pin("org/m@12") == ("org/m", 12)
+    for bad in ("m@", "m@x", "@2", "m@-1"):
+        with pytest.raises(OpenAIError) as err:
+            split_pin(bad)
+        assert err.value.status == 400 and err.value.param == "model"
+
+
+def test_no_route_is_the_newest_ready_version():
+    assert choose("m", None, {1, 2, 3}, None) == 3
+
+
+def test_route_holds_traffic_on_the_serving_version_while_a_candidate_is_loaded():
+    assert choose("m", Route(serving=1), {1, 2}, None) == 1
+    assert choose("m", Route(serving=2, previous=1), {1, 2}, None) == 2
+
+
+def test_canary_share():
+    route = Route(serving=1, canary=2, canary_percent=25)
+    picks = [choose("m", route, {1, 2}, None, draw=lambda x=i: x / 100) for i in range(100)]
+    assert picks.count(2) == 25 and picks.count(1) == 75
+    assert choose("m", route, {1}, None, draw=lambda: 0.0) == 1  # canary not loaded here
+
+
+def test_never_falls_forward_to_an_unvalidated_version():
+    assert choose("m", Route(serving=2, previous=1), {1, 3}, None) == 1
+    with pytest.raises(OpenAIError) as err:
+        choose("m", Route(serving=2), {3}, None)
+    assert err.value.status == 503 and err.value.code == "model_not_ready"
+
+
+def test_pins():
+    assert choose("m", Route(serving=1), {1, 2}, 2) == 2
+    with pytest.raises(OpenAIError) as err:
+        choose("m", Route(serving=1), {1, 2}, 7)
+    assert err.value.status == 404 and "loaded: 1, 2" in err.value.message
