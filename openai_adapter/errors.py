@@ -13,8 +13,8 @@ log = logging.getLogger("openai_adapter")
 
 # OpenAI `type` per HTTP status, where the caller does not say otherwise.
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
-          415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+          404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
+          413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
           503: "server_error", 504: "timeout_error"}
 
 
@@ -52,6 +52,18 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 
 def unavailable(message: str, retry_after: int, code: str = "service_unavailable") -> OpenAIError:
     return OpenAIError(503, message, code=code, retry_after=retry_after)
+
+
+def shutting_down(retry_after: int) -> OpenAIError:
+    # Connection: close, so a client's next request opens a connection to another replica.
+    return OpenAIError(503, "the server is shutting down; retry on another connection", code="shutting_down",
+                       retry_after=retry_after, headers={"Connection": "close"})
+
+
+def body_timeout(seconds: float) -> OpenAIError:
+    # The rest of the body may still come: the connection cannot be reused.
+    return OpenAIError(408, f"the request body did not arrive within {seconds:g} s", code="request_timeout",
+                       headers={"Connection": "close"})
 
 
 def over_capacity(message: str, retry_after: int) -> OpenAIError:

@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse
 from . import sse
 from .accounts import ANONYMOUS, Accounts, Principal, Usage as Billed, reserve_for
 from .admission import Admission
-from .errors import ClientGone, OpenAIError, deadline_exceeded, invalid
+from .drain import Drain
+from .errors import ClientGone, OpenAIError, deadline_exceeded, invalid, shutting_down
 from .metrics import Metrics
 from .routing import Router, choose, split_pin
 from .schemas import _Sampling
@@ -41,9 +42,19 @@ class Deps:
     metrics: Metrics
     accounts: Accounts
     router: Router = field(default_factory=lambda: Router(None))
-    draining: bool = False
+    drain: Drain = field(default_factory=lambda: Drain(30.0))
+    slots: Callable[[str], int] = lambda model: 1  # sequences the model runs at once (admission)
     on_generation_ok: Callable[[str], None] = lambda model: None  # real traffic also proves health
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def draining(self) -> bool:
+        return self.drain.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        if value:  # a drain is not undone
+            self.drain.begin()
 
 
 @dataclass
@@ -192,16 +203,22 @@ async def _disconnected(raw: Request) -> None:
         pass
 
 
-async def guarded(raw: Request, awaitable, deadline: float, timeout_s: float):
-    """Await while watching for the client leaving and the deadline passing."""
+async def guarded(raw: Request, awaitable, deadline: float, timeout_s: float, drain: Optional[Drain] = None,
+                  retry_after: int = 1):
+    """Await while watching for the client leaving, the deadline passing and a drain's end."""
     task = asyncio.ensure_future(awaitable)
     watcher = asyncio.ensure_future(_disconnected(raw))
+    ended = drain.ended_future() if drain is not None else None
     try:
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
-        done, _ = await asyncio.wait({task, watcher}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watcher} | ({ended} if ended else set()), timeout=remaining,
+                                     return_when=asyncio.FIRST_COMPLETED)
     except BaseException:
         task.cancel()
         watcher.cancel()
+        # Wait for them: the caller closes the event stream next, which must not be
+        # still running in `task` (shutdown cancels request tasks).
+        await asyncio.gather(task, watcher, return_exceptions=True)
         raise
     watcher.cancel()
     if task in done:
@@ -210,6 +227,8 @@ async def guarded(raw: Request, awaitable, deadline: float, timeout_s: float):
     await asyncio.gather(task, return_exceptions=True)
     if watcher in done:
         raise ClientGone("client disconnected")
+    if ended is not None and ended.done():
+        raise shutting_down(retry_after)
     raise deadline_exceeded(timeout_s)
 
 
@@ -327,8 +346,11 @@ async def execute(deps: Deps, raw: Request, reqs: list[GenerationRequest], n: in
     headers = dict(admitted.headers)
     if reqs[0].model_version:
         headers["x-model-version"] = reqs[0].model_version  # which version answers (roll-outs)
+    guard = dict(drain=deps.drain, retry_after=settings.retry_after_s)
+    model = reqs[0].model
     try:
-        await guarded(raw, deps.admission.acquire(), deadline, settings.request_timeout_s)
+        ticket = await guarded(raw, deps.admission.acquire(model, deps.slots(model), len(reqs)), deadline,
+                               settings.request_timeout_s, **guard)
     except ClientGone:
         await deps.accounts.release(fmt.id)
         return JSONResponse({}, status_code=499)
@@ -348,7 +370,7 @@ async def execute(deps: Deps, raw: Request, reqs: list[GenerationRequest], n: in
         nonlocal released
         if not released:
             released = True
-            deps.admission.release()
+            deps.admission.release(ticket)
             u = tally.usage()
             deps.metrics.prompt_tokens.labels(fmt.model).inc(u.prompt_tokens)
             deps.metrics.completion_tokens.labels(fmt.model).inc(u.completion_tokens)
@@ -357,7 +379,7 @@ async def execute(deps: Deps, raw: Request, reqs: list[GenerationRequest], n: in
     handed_over = False
     try:
         try:
-            first = await guarded(raw, events.__anext__(), deadline, settings.request_timeout_s)
+            first = await guarded(raw, events.__anext__(), deadline, settings.request_timeout_s, **guard)
             acct.first_at = time.monotonic()
         except StopAsyncIteration:
             first = None
@@ -373,8 +395,8 @@ async def execute(deps: Deps, raw: Request, reqs: list[GenerationRequest], n: in
             raise
         if stream:
             handed_over = True
-            return sse.SSEResponse(_stream_body(first, events, fmt, tally, deadline, settings, acct), release,
-                                   headers)
+            return sse.SSEResponse(_stream_body(first, events, fmt, tally, deadline, settings, acct, deps.drain),
+                                   release, headers)
         choices = [ChoiceState() for _ in reqs]
 
         async def collect() -> None:
@@ -384,7 +406,7 @@ async def execute(deps: Deps, raw: Request, reqs: list[GenerationRequest], n: in
                 ev = await anext(events, None)
 
         try:
-            await guarded(raw, collect(), deadline, settings.request_timeout_s)
+            await guarded(raw, collect(), deadline, settings.request_timeout_s, **guard)
         except ClientGone:
             acct.outcome = "cancelled"
             return JSONResponse({}, status_code=499)
@@ -411,7 +433,7 @@ def _apply(state: ChoiceState, ev: Event, tally: UsageTally) -> None:
 
 
 async def _stream_body(first: Optional[Event], events: AsyncIterator[Event], fmt: Formatter, tally: UsageTally,
-                       deadline: float, settings: Settings, acct: Accounting) -> AsyncIterator[bytes]:
+                       deadline: float, settings: Settings, acct: Accounting, drain: Drain) -> AsyncIterator[bytes]:
     try:
         for c in fmt.prefix():
             yield sse.event(c)
@@ -422,13 +444,15 @@ async def _stream_body(first: Optional[Event], events: AsyncIterator[Event], fmt
                 yield sse.event(fmt.delta(ev))
             if ev.finish_reason is not None:
                 yield sse.event(fmt.finish(ev))
-            async with asyncio.timeout_at(deadline):
-                ev = await anext(events, None)
+            async with asyncio.timeout_at(deadline) as timeout:
+                with drain.bounding(timeout):  # the shutdown's grace period ends it too
+                    ev = await anext(events, None)
         if fmt.include_usage:
             yield sse.event(fmt.usage_chunk(tally.usage()))
     except TimeoutError:
         acct.outcome = "failed"
-        yield sse.event(deadline_exceeded(settings.request_timeout_s).body())
+        err = shutting_down(settings.retry_after_s) if drain.ended else deadline_exceeded(settings.request_timeout_s)
+        yield sse.event(err.body())
     except OpenAIError as err:
         acct.outcome = "failed"
         yield sse.event(err.body())

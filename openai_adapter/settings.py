@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     instance_stale_s: float = _env("ADAPTER_INSTANCE_STALE_S", "instance_stale_s", 15.0, gt=0)
     max_in_flight: int = _env("ADAPTER_MAX_IN_FLIGHT", "max_in_flight", 64, ge=1)
     max_waiting: int = _env("ADAPTER_MAX_WAITING", "max_waiting", 64, ge=0)
+    # Admission per model: its slots (0: max_num_seqs from its Triton config), and how long
+    # a request may be expected to wait for one before it gets 429 instead.
+    model_slots: int = _env("ADAPTER_MODEL_SLOTS", "model_slots", 0, ge=0)
+    max_queue_wait_s: float = _env("ADAPTER_MAX_QUEUE_WAIT_S", "max_queue_wait_s", 1.0, ge=0)
+    body_timeout_s: float = _env("ADAPTER_BODY_TIMEOUT_S", "body_timeout_s", 30.0, gt=0)
     request_timeout_s: float = _env("ADAPTER_REQUEST_TIMEOUT_S", "request_timeout_s", 600.0, ge=0)
     max_body_bytes: int = _env("ADAPTER_MAX_BODY_BYTES", "max_body_bytes", 4 * 1024 * 1024, ge=0)
     max_n: int = _env("ADAPTER_MAX_N", "max_n", 8, ge=1)
@@ -52,6 +57,7 @@ class Settings(BaseSettings):
     breaker_open_s: float = _env("ADAPTER_BREAKER_OPEN_S", "breaker_open_s", 1.0)
     retry_after_s: int = _env("ADAPTER_RETRY_AFTER_S", "retry_after_s", 1)
     shutdown_grace_s: float = _env("ADAPTER_SHUTDOWN_GRACE_S", "shutdown_grace_s", 30.0)
+    shutdown_delay_s: float = _env("ADAPTER_SHUTDOWN_DELAY_S", "shutdown_delay_s", 0.0, ge=0)
     log_level: str = _env("ADAPTER_LOG_LEVEL", "log_level", "info")
     access_log: bool = _env("ADAPTER_ACCESS_LOG", "access_log", True)
 
