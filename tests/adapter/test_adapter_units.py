@@ -1,13 +1,10 @@
 """Pure unit tests of the adapter's building blocks."""
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import pytest
 
 from openai_adapter import chat_template
-from openai_adapter.admission import Admission
 from openai_adapter.errors import ClientGone, OpenAIError, from_model_message
 from openai_adapter.settings import Settings
 from openai_adapter.stop import StopChecker
@@ -27,34 +24,6 @@ def test_stop_checker_holds_back_possible_prefix_and_cuts():
     s = StopChecker(["\n\n", "###"])
     assert s.feed("a\n") == ("a", False)
     assert s.feed("\nb") == ("", True)
-
-
-async def test_admission_queue_and_refusal():
-    a = Admission(max_in_flight=1, max_waiting=1)
-    await a.acquire()
-    waiter = asyncio.ensure_future(a.acquire())
-    await asyncio.sleep(0)
-    assert a.waiting == 1
-    with pytest.raises(OpenAIError) as err:
-        await a.acquire()
-    assert err.value.status == 429 and err.value.retry_after == 1
-    a.release()
-    await waiter
-    assert a.in_flight == 1 and a.waiting == 0
-    a.release()
-    assert a.in_flight == 0
-
-
-async def test_admission_cancelled_waiter_leaves_line():
-    a = Admission(max_in_flight=1, max_waiting=2)
-    await a.acquire()
-    waiter = asyncio.ensure_future(a.acquire())
-    await asyncio.sleep(0)
-    waiter.cancel()
-    await asyncio.gather(waiter, return_exceptions=True)
-    assert a.waiting == 0
-    a.release()
-    assert a.in_flight == 0
 
 
 def test_circuit_breaker_opens_after_failures_and_probe_closes_after_open_time():
