@@ -32,7 +32,8 @@ def stack(tmp_path_factory):
     dead = free_port()  # a second endpoint that never answers: skipped by its circuit
     adapter = AdapterProcess(f"{triton.grpc_url},127.0.0.1:{dead}", f"{triton.http_url},http://127.0.0.1:{dead}",
                              tmp / "adapter.log", ADAPTER_REQUEST_TIMEOUT_S=TIMEOUT_S, ADAPTER_MAX_IN_FLIGHT=4,
-                             ADAPTER_MAX_WAITING=2, ADAPTER_HEALTH_INTERVAL_S=0.5, ADAPTER_HEALTH_MAX_AGE_S=5,
+                             ADAPTER_MAX_WAITING=2, ADAPTER_MAX_QUEUE_WAIT_S=60,  # the line's length decides
+                             ADAPTER_HEALTH_INTERVAL_S=0.5, ADAPTER_HEALTH_MAX_AGE_S=5,
                              ADAPTER_BREAKER_OPEN_S=0.5)
     try:
         adapter.start().wait_ready()
@@ -125,6 +126,10 @@ def test_non_stream_disconnect_cancels(stack):
 async def test_overload_gives_429_with_retry_after_at_once(stack):
     url = stack["adapter"].url
     async with httpx.AsyncClient(timeout=30) as http:
+        # One finished request: admission has a duration to estimate waits from.
+        assert (await http.post(url + "/v1/completions", json={"model": "fake", "prompt": "x",
+                                                               "max_tokens": 2})).status_code == 200
+
         async def slow(i: int) -> None:
             async with http.stream("POST", url + "/v1/completions", json={
                     "model": "fake", "prompt": f"[[delay=200]] [[tag=busy{i}]]", "max_tokens": 14,
@@ -184,15 +189,13 @@ def test_sigterm_drains_in_flight_stream_then_exits(stack):
                 lines = r.iter_lines()
                 assert next(lines).startswith("data: ")
                 adapter.proc.send_signal(signal.SIGTERM)
-                time.sleep(0.3)
-                try:
-                    refused = httpx.post(adapter.url + "/v1/completions", json={"model": "fake", "prompt": "x"},
-                                         timeout=2).status_code
-                except httpx.ConnectError:
-                    refused = "refused"
+                assert httpx.get(adapter.url + "/health/ready").status_code == 503
+                refused = httpx.post(adapter.url + "/v1/completions", json={"model": "fake", "prompt": "x"},
+                                     timeout=2)
                 rest = [l for l in lines if l.startswith("data: ")]
             assert rest[-1] == "data: [DONE]" and all('"error"' not in l for l in rest)
-            assert refused in (503, "refused")
+            assert refused.status_code == 503 and refused.headers["retry-after"]
+            assert refused.json()["error"]["code"] == "shutting_down"
         assert adapter.proc.wait(10) == 0
     finally:
         adapter.stop()
