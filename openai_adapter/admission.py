@@ -7,11 +7,15 @@ wait here only while its expected wait stays under `max_wait_s`; otherwise it ge
 `over_capacity` at once, with `Retry-After` set to that wait rounded up, so the client
 can back off instead of sitting in a queue.
 
-The expected wait: busy slots free up at about `slots / duration` per second, where
-`duration` is a moving average of how long this model's recent requests held their
-slots. A request that needs k more slots to free up (the sequences ahead of it in line
-plus its own) waits about `k * duration / slots`. Before any request of a model has
-finished there is no estimate, and nobody waits: beyond the slots it is 429.
+The expected wait: `duration` is a moving average of how long this model's recent
+requests held their slots, so a running sequence of age `a` should free its slot in
+about `duration - a`, and whoever takes that slot holds it `duration` again. A request
+that needs k more slots to free up (the sequences ahead of it in line plus its own)
+waits until the k-th of those times. Counting from the running sequences' ages, not
+only from the rate `slots / duration`, matters: requests that started together (a burst,
+or clients retrying after the same Retry-After) also end together, and whoever is first
+in line waits for that whole cohort. Before any request of a model has finished there
+is no estimate, and nobody waits: beyond the slots it is 429.
 """
 from __future__ import annotations
 
@@ -37,9 +41,15 @@ class DurationAverage:
         self.mean = seconds if self.mean is None else self.mean + self.alpha * (seconds - self.mean)
 
 
-def expected_wait(need: int, slots: int, duration: float) -> float:
-    """Seconds until `need` more of `slots` busy slots are free, each held `duration` on average."""
-    return max(0, need) * duration / max(1, slots)
+def expected_wait(need: int, remaining: list[float], duration: float) -> float:
+    """Seconds until `need` more slots are free, given the expected remaining time of each
+    busy slot (each in [0, duration]); a slot freed is taken again for `duration`."""
+    if need <= 0:
+        return 0.0
+    if not remaining:
+        return need * duration
+    rounds, i = divmod(need - 1, len(remaining))
+    return sorted(remaining)[i] + rounds * duration
 
 
 @dataclass
@@ -54,21 +64,23 @@ class Decision:
         return default if self.wait_s is None else max(1, math.ceil(self.wait_s))
 
 
-def decide(*, used: int, queued: int, waiters: int, weight: int, slots: int, duration: Optional[float],
-           max_wait_s: float, max_waiting: int) -> Decision:
-    """The admission rule, free of clocks and futures (unit-tested as is)."""
+def decide(*, remaining: list[float], queued: int, waiters: int, weight: int, slots: int,
+           duration: Optional[float], max_wait_s: float, max_waiting: int) -> Decision:
+    """The admission rule, free of clocks and futures (unit-tested as is). `remaining`:
+    the expected remaining time of each busy slot (one per running sequence)."""
+    used = len(remaining)
     weight = min(weight, slots)  # a request larger than the model runs alone
     if not waiters and used + weight <= slots:
         return Decision("run", 0.0)
     if duration is None:
         return Decision("refuse")
-    wait = expected_wait(used + queued + weight - slots, slots, duration)
+    wait = expected_wait(used + queued + weight - slots, remaining, duration)
     if wait > max_wait_s or waiters >= max_waiting:
         return Decision("refuse", wait)
     return Decision("wait", wait)
 
 
-@dataclass
+@dataclass(eq=False)
 class Ticket:
     """An admitted request: give it back with `Admission.release`."""
 
@@ -86,6 +98,7 @@ class _Line:
         self.used = 0       # sequences in the model
         self.running = 0    # requests in the model
         self.queued = 0     # sequences waiting
+        self.tickets: set[Ticket] = set()  # the running requests
         self.waiters: deque[tuple[int, asyncio.Future]] = deque()
         self.durations = DurationAverage()
 
@@ -121,9 +134,12 @@ class Admission:
 
     def decide(self, model: str, slots: int, weight: int = 1) -> Decision:
         line = self.line(model, slots)
-        return decide(used=line.used, queued=line.queued, waiters=len(line.waiters), weight=weight,
-                      slots=line.slots, duration=line.durations.mean, max_wait_s=self.max_wait_s,
-                      max_waiting=self.max_waiting)
+        d = line.durations.mean
+        now = self.clock()
+        remaining = [min(d, max(0.0, d - (now - t.admitted_at))) if d is not None else 0.0
+                     for t in line.tickets for _ in range(t.weight)]
+        return decide(remaining=remaining, queued=line.queued, waiters=len(line.waiters), weight=weight,
+                      slots=line.slots, duration=d, max_wait_s=self.max_wait_s, max_waiting=self.max_waiting)
 
     async def acquire(self, model: str, slots: int, weight: int = 1) -> Ticket:
         """A place in the model for `weight` sequences; raises 429 when the wait would be too long."""
@@ -162,13 +178,16 @@ class Admission:
         line = self.lines[ticket.model]
         line.used -= ticket.weight
         line.running -= 1
+        line.tickets.discard(ticket)
         line.durations.observe(self.clock() - ticket.admitted_at)
         self._hand_over(line)
 
     def _admit(self, line: _Line, weight: int) -> Ticket:
         line.used += weight
         line.running += 1
-        return Ticket(line.model, weight, self.clock())
+        ticket = Ticket(line.model, weight, self.clock())
+        line.tickets.add(ticket)
+        return ticket
 
     def _hand_over(self, line: _Line) -> None:
         while line.waiters:

@@ -32,39 +32,45 @@ def test_duration_average_starts_at_first_sample_and_moves_toward_new_ones():
     assert d.mean == 1.5
 
 
-def test_expected_wait_is_place_in_line_times_duration_over_slots():
-    assert expected_wait(1, 16, 4.0) == 0.25
-    assert expected_wait(8, 16, 4.0) == 2.0
-    assert expected_wait(0, 16, 4.0) == 0.0
-    assert expected_wait(-3, 16, 4.0) == 0.0
+def test_expected_wait_counts_from_the_running_sequences_remaining_times():
+    spread = [0.25 * k for k in range(1, 17)]  # 16 slots held 4 s, started 0.25 s apart
+    assert expected_wait(1, spread, 4.0) == 0.25
+    assert expected_wait(4, spread, 4.0) == 1.0
+    assert expected_wait(17, spread, 4.0) == 4.25  # the slot freed first, after its next holder
+    assert expected_wait(0, spread, 4.0) == 0.0
+    together = [4.0] * 16  # a cohort that started at once also ends at once
+    assert expected_wait(1, together, 4.0) == 4.0
+    assert expected_wait(3, [], 2.0) == 6.0
 
 
 def rule(**kw):
-    base = dict(used=16, queued=0, waiters=0, weight=1, slots=16, duration=4.0, max_wait_s=1.0, max_waiting=64)
+    base = dict(remaining=[0.25 * k for k in range(1, 17)], queued=0, waiters=0, weight=1, slots=16,
+                duration=4.0, max_wait_s=1.0, max_waiting=64)
     return decide(**{**base, **kw})
 
 
 def test_decide_runs_while_slots_are_free_and_in_order():
-    assert rule(used=15).action == "run"
-    assert rule(used=0, weight=40).action == "run"  # larger than the model: runs alone
-    assert rule(used=15, weight=2).action == "wait"
-    assert rule(used=10, queued=1, waiters=1).action == "wait"  # free slots, but someone is first in line
+    assert rule(remaining=[1.0] * 15).action == "run"
+    assert rule(remaining=[], weight=40).action == "run"  # larger than the model: runs alone
+    assert rule(remaining=[1.0] * 15, weight=2).action == "wait"
+    assert rule(remaining=[1.0] * 10, queued=1, waiters=1).action == "wait"  # someone is first in line
 
 
 def test_decide_waits_only_while_the_expected_wait_is_under_the_bound():
-    # 16 slots held 4 s each: one frees every 0.25 s; the 4th in line waits 1 s.
+    # One slot frees every 0.25 s: the 4th in line waits 1 s, the 5th 1.25 s.
     assert (rule(queued=3, waiters=3).action, rule(queued=3, waiters=3).wait_s) == ("wait", 1.0)
     d = rule(queued=4, waiters=4)
     assert d.action == "refuse" and d.wait_s == 1.25 and d.retry_after(7) == 2
     assert rule(queued=3, waiters=2, weight=2).action == "refuse"  # a request of n=2 needs two slots
     assert rule(max_wait_s=0.0).action == "refuse"
+    assert rule(remaining=[3.5] * 16).action == "refuse"  # the cohort ahead ends in 3.5 s
 
 
 def test_decide_refuses_without_an_estimate_and_beyond_max_waiting():
     d = rule(duration=None)
     assert d.action == "refuse" and d.wait_s is None and d.retry_after(3) == 3
-    assert rule(duration=0.01, queued=2, waiters=2, max_waiting=2).action == "refuse"
-    assert rule(duration=0.01, queued=2, waiters=2, max_waiting=2).retry_after(5) == 1  # at least 1 s
+    assert rule(remaining=[0.01] * 16, queued=2, waiters=2, max_waiting=2).action == "refuse"
+    assert rule(remaining=[0.01] * 16, queued=2, waiters=2, max_waiting=2).retry_after(5) == 1  # at least 1 s
 
 
 async def test_admission_line_hands_slots_over_in_order_and_learns_durations():
@@ -99,16 +105,22 @@ async def test_admission_line_hands_slots_over_in_order_and_learns_durations():
 async def test_admission_refuses_with_the_expected_wait_as_retry_after():
     clock = Clock()
     a = Admission(max_wait_s=1.0, max_waiting=64, clock=clock)
-    tickets = [await a.acquire("m", slots=4) for _ in range(4)]
+    first = await a.acquire("m", slots=4)
     clock.t += 2.0
-    a.release(tickets.pop())  # 2 s per request, 4 slots: one frees every 0.5 s
-    tickets.append(await a.acquire("m", slots=4))
+    a.release(first)  # requests hold their slot 2 s
+    tickets = []
+    for _ in range(4):  # started 0.5 s apart: they end 0.5 s apart
+        tickets.append(await a.acquire("m", slots=4))
+        clock.t += 0.5
+    clock.t -= 0.5
     waiters = [asyncio.ensure_future(a.acquire("m", slots=4)) for _ in range(2)]  # 0.5 s, 1.0 s
     await asyncio.sleep(0)
     assert a.waiting == 2
     with pytest.raises(OpenAIError) as err:  # the third would wait 1.5 s
         await a.acquire("m", slots=4)
     assert err.value.retry_after == 2 and "1.5 s" in err.value.message
+    clock.t += 1.0  # a second later the line has moved on in expectation: the same one would wait 0.5 s
+    assert a.decide("m", 4).action == "wait"
     other = await a.acquire("other", slots=4)  # each model has its own slots
     for w in waiters:
         w.cancel()
