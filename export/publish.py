@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -67,14 +68,40 @@ def write_config(model_dir: Path, name: str, params: EngineParams, *, instance_k
     (so a polling server does not reload for nothing)."""
     text = render_config_pbtxt(name, params, instance_kind=instance_kind, instance_count=instance_count)
     path = model_dir / "config.pbtxt"
+    # Which versions a (re)started Triton loads is llm-deploy's decision: a new export
+    # keeps it, so the new version waits for its promotion.
+    policy = version_policy_line(path.read_text()) if path.exists() else None
+    if policy:
+        text += policy + "\n"
+    return _replace(path, text)
+
+
+def _replace(path: Path, text: str) -> Path:
     if path.exists() and path.read_text() == text:
         return path
-    fd, tmp = tempfile.mkstemp(prefix=".config.pbtxt.", dir=model_dir)
+    fd, tmp = tempfile.mkstemp(prefix=".config.pbtxt.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
+
+
+_POLICY = re.compile(r"^version_policy\b.*$", re.M)
+
+
+def version_policy_line(text: str) -> str | None:
+    m = _POLICY.search(text)
+    return m.group(0) if m else None
+
+
+def set_served_versions(model_dir: Path, versions: list[int]) -> Path:
+    """Make config.pbtxt name the versions Triton loads at start (atomically), so a
+    restarted server serves what llm-deploy put in service, not the newest export."""
+    path = model_dir / "config.pbtxt"
+    text = _POLICY.sub("", path.read_text()).rstrip("\n") + "\n"
+    listed = ", ".join(str(v) for v in sorted(set(versions)))
+    return _replace(path, text + f"version_policy: {{ specific: {{ versions: [ {listed} ] }} }}\n")
 
 
 def publish_version(staged_version: Path, model_dir: Path) -> Path:

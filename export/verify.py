@@ -288,5 +288,25 @@ def verify_export(ckpt, version_dir: Path, opts) -> dict:
     }
     if failures:
         result["reason"] = "; ".join(failures)
+    else:
+        result["probes"] = probes(version_dir, prompts, [t for _, (_, t) in runs], n, required)
     _progress(opts, f"verification {result['status']} in {result['seconds']} s")
     return result
+
+
+def probes(version_dir: Path, prompts: list[list[int]], outputs: list[list[int]], n: int, match: int) -> dict:
+    """What `llm-deploy promote` checks before a version takes traffic: the exported
+    model's own greedy answers (EOS ignored) to the verification prompts, as the served
+    text must begin: all `n` tokens for fp32, the first `match` tokens of a quantized
+    export (its later tokens may part at near ties, as verification allows)."""
+    from tokenizers import Tokenizer
+
+    from llm_backend.detokenizer import IncrementalDetokenizer
+
+    tok = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
+    cases = []
+    for prompt, tokens in zip(prompts, outputs):
+        detok = IncrementalDetokenizer(tok, prompt)  # as the engine turns tokens into text
+        prefix = "".join(detok.push(t) for t in tokens[:match])
+        cases.append({"prompt_ids": prompt, "tokens": tokens, "expected_prefix": prefix})
+    return {"max_tokens": n, "match_tokens": match, "cases": cases}

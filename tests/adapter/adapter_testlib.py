@@ -109,9 +109,9 @@ class AdapterProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        env.setdefault("ADAPTER_DATABASE_URL", f"sqlite:///{log_path.parent}/accounts-{self.port}.db")
         self.env = dict(os.environ, ADAPTER_HOST="127.0.0.1", ADAPTER_PORT=str(self.port),
                         TRITON_GRPC_URLS=grpc_url, TRITON_HTTP_URLS=http_url, HF_HUB_OFFLINE="1",
-                        ADAPTER_DATABASE_URL=f"sqlite:///{log_path.parent}/accounts-{self.port}.db",
                         **{k: str(v) for k, v in env.items()})
         self.proc: subprocess.Popen | None = None
 
