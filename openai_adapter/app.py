@@ -206,10 +206,11 @@ def create_app(settings: Optional[Settings] = None, client: Optional[LLMClient] 
             pool = TritonPool(settings.triton_grpc_urls, settings.triton_http_urls,
                               breaker_failures=settings.breaker_failures, breaker_open_s=settings.breaker_open_s,
                               http_timeout=settings.upstream_timeout_s, retry_after=settings.retry_after_s,
-                              repository_key=settings.triton_repository_key,
-                              on_upstream_error=lambda ep, kind: m.upstream_errors.labels(ep, kind).inc())
-            for ep in pool.endpoints:
-                m.circuit_open.labels(ep.grpc_url).set_function(lambda ep=ep: 1.0 if ep.breaker.is_open else 0.0)
+                              repository_key=settings.triton_repository_key, resolve_s=settings.dns_refresh_s,
+                              on_upstream_error=lambda ep, kind: m.upstream_errors.labels(ep, kind).inc(),
+                              on_endpoint=lambda ep: m.circuit_open.labels(ep.grpc_url).set_function(
+                                  lambda: 1.0 if ep.breaker.is_open else 0.0))
+            await pool.start()
             prober = Prober(pool, settings, m)
             app.state.health = health or prober
             prober_task = asyncio.ensure_future(prober.run())
@@ -234,8 +235,7 @@ def create_app(settings: Optional[Settings] = None, client: Optional[LLMClient] 
                 prober_task.cancel()
                 await asyncio.gather(prober_task, return_exceptions=True)
             if client is None:
-                for ep in pool.endpoints:
-                    await ep.close()
+                await pool.close()
             await router.stop()
             await accounts.stop()
 

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     db_migrate: bool = _env("ADAPTER_DB_MIGRATE", "db_migrate", True)
     heartbeat_s: float = _env("ADAPTER_HEARTBEAT_S", "heartbeat_s", 2.0, gt=0)
     routes_poll_s: float = _env("ADAPTER_ROUTES_POLL_S", "routes_poll_s", 1.0, gt=0)  # llm-deploy's switches
+    dns_refresh_s: float = _env("ADAPTER_DNS_REFRESH_S", "dns_refresh_s", 5.0, gt=0)  # dns: Triton endpoints
     instance_stale_s: float = _env("ADAPTER_INSTANCE_STALE_S", "instance_stale_s", 15.0, gt=0)
     max_in_flight: int = _env("ADAPTER_MAX_IN_FLIGHT", "max_in_flight", 64, ge=1)
     max_waiting: int = _env("ADAPTER_MAX_WAITING", "max_waiting", 64, ge=0)
@@ -135,6 +136,11 @@ def _redact_url(url: str) -> str:
 
 
 def _http_beside(grpc_url: str) -> str:
+    if grpc_url.startswith("dns:"):  # every pod of a headless Service
+        host, _, port = grpc_url[4:].rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"TRITON_GRPC_URLS entry {grpc_url!r} is not dns:HOST:PORT")
+        return f"dns:{host}:{int(port) - 1}"
     host, _, port = grpc_url.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"TRITON_GRPC_URLS entry {grpc_url!r} is not host:port; set TRITON_HTTP_URLS too")

@@ -11,6 +11,7 @@ import asyncio
 import codecs
 import itertools
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Protocol, Union
@@ -259,17 +260,93 @@ class UpstreamDown(Exception):
     """The endpoint did not answer (connection-level); another one may."""
 
 
+DNS = "dns:"
+
+
+def _split_dns(spec: str) -> tuple[str, int]:
+    host, _, port = spec[len(DNS):].rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{spec!r}: write dns:HOST:PORT")
+    return host, int(port)
+
+
+def resolve_specs(specs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(gRPC, HTTP) address pairs: `dns:HOST:PORT` entries become one pair per address
+    HOST resolves to (a headless Service: one per Triton pod); others stay as they are."""
+    out = []
+    for g, h in specs:
+        if not g.startswith(DNS):
+            out.append((g, h))
+            continue
+        host, gport = _split_dns(g)
+        _, hport = _split_dns(h) if h.startswith(DNS) else (host, gport - 1)
+        scheme = "https" if h.startswith("https://") else "http"
+        for addr in sorted({i[4][0] for i in socket.getaddrinfo(host, gport, type=socket.SOCK_STREAM)}):
+            a = f"[{addr}]" if ":" in addr else addr
+            out.append((f"{a}:{gport}", f"{scheme}://{a}:{hport}"))
+    return out
+
+
 class TritonPool:
-    """LLMClient over one or more Triton endpoints."""
+    """LLMClient over one or more Triton endpoints. A `dns:HOST:PORT` endpoint is every
+    address of HOST, looked up again every `resolve_s`: pods that come are used, pods that
+    go are dropped (their running streams finish)."""
 
     def __init__(self, grpc_urls: list[str], http_urls: list[str], *, breaker_failures: int = 3,
                  breaker_open_s: float = 1.0, http_timeout: float = 5.0, retry_after: int = 1,
-                 on_upstream_error=None, repository_key: str = "") -> None:
-        self.endpoints = [Endpoint(g, h, CircuitBreaker(breaker_failures, breaker_open_s), http_timeout,
-                                   repository_key) for g, h in zip(grpc_urls, http_urls)]
+                 on_upstream_error=None, repository_key: str = "", resolve_s: float = 5.0,
+                 on_endpoint=None) -> None:
+        self._specs = list(zip(grpc_urls, http_urls))
+        self._make = lambda g, h: Endpoint(g, h, CircuitBreaker(breaker_failures, breaker_open_s), http_timeout,
+                                           repository_key)
+        self._on_endpoint = on_endpoint or (lambda ep: None)
+        self.resolve_s = resolve_s
+        self.endpoints: list[Endpoint] = []
+        self._dropped: list[Endpoint] = []
+        self._task: Optional[asyncio.Task] = None
         self.retry_after = retry_after
         self._rr = itertools.count()
         self._on_error = on_upstream_error or (lambda endpoint, kind: None)
+        try:
+            self._reconcile(resolve_specs(self._specs))
+        except OSError as err:  # the Service may not resolve yet; the resolver tries again
+            log.warning("resolving the Triton endpoints failed: %s", err)
+
+    def _reconcile(self, pairs: list[tuple[str, str]]) -> None:
+        current = {ep.grpc_url: ep for ep in self.endpoints}
+        wanted = [g for g, _ in pairs]
+        for g, h in pairs:
+            if g not in current:
+                current[g] = self._make(g, h)
+                self._on_endpoint(current[g])
+                log.info("Triton endpoint %s added", g)
+        for g, ep in current.items():
+            if g not in wanted:
+                log.info("Triton endpoint %s gone", g)
+                self._dropped.append(ep)
+        self.endpoints = [current[g] for g in wanted]
+
+    async def start(self) -> None:
+        if any(g.startswith(DNS) for g, _ in self._specs):
+            self._task = asyncio.ensure_future(self._resolve_loop())
+
+    async def _resolve_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.resolve_s)
+            try:
+                self._reconcile(await asyncio.to_thread(resolve_specs, self._specs))
+            except OSError as err:
+                log.warning("resolving the Triton endpoints failed (keeping %d): %s", len(self.endpoints), err)
+            for ep in [e for e in self._dropped if e.in_flight == 0]:
+                self._dropped.remove(ep)
+                await ep.close()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for ep in self.endpoints + self._dropped:
+            await ep.close()
 
     # -- catalog -----------------------------------------------------------------
     def _all_models(self) -> dict[str, ModelInfo]:

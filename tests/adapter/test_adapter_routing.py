@@ -45,3 +45,32 @@ def test_pins():
     with pytest.raises(OpenAIError) as err:
         choose("m", Route(serving=1), {1, 2}, 7)
     assert err.value.status == 404 and "loaded: 1, 2" in err.value.message
+
+
+async def test_dns_endpoints_are_every_address_and_follow_the_service(monkeypatch):
+    import socket
+
+    from openai_adapter.settings import Settings
+    from openai_adapter.triton_client import TritonPool, resolve_specs
+
+    answers = {"triton-headless": ["10.0.0.2", "10.0.0.1"]}
+
+    def fake_getaddrinfo(host, port, *args, **kwargs):
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in answers[host]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    s = Settings(triton_grpc_urls=["dns:triton-headless:8001"])
+    assert s.triton_http_urls == ["dns:triton-headless:8000"]
+    assert resolve_specs(list(zip(s.triton_grpc_urls, s.triton_http_urls))) == [
+        ("10.0.0.1:8001", "http://10.0.0.1:8000"), ("10.0.0.2:8001", "http://10.0.0.2:8000")]
+    seen = []
+    pool = TritonPool(s.triton_grpc_urls, s.triton_http_urls, on_endpoint=seen.append)
+    assert [ep.grpc_url for ep in pool.endpoints] == ["10.0.0.1:8001", "10.0.0.2:8001"]
+    first = pool.endpoints[0]
+    answers["triton-headless"] = ["10.0.0.1", "10.0.0.3"]  # a pod replaced
+    pool._reconcile(resolve_specs(pool._specs))
+    assert [ep.grpc_url for ep in pool.endpoints] == ["10.0.0.1:8001", "10.0.0.3:8001"]
+    assert pool.endpoints[0] is first  # kept, with its circuit and load
+    assert [ep.grpc_url for ep in seen] == ["10.0.0.1:8001", "10.0.0.2:8001", "10.0.0.3:8001"]
+    assert [ep.grpc_url for ep in pool._dropped] == ["10.0.0.2:8001"]
+    await pool.close()
