@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from .detokenizer import IncrementalDetokenizer, StopStringBuffer
+from .error_kinds import CANCELLED, CONTEXT, INTERNAL, INVALID, OVER_CAPACITY, RequestError
 from .prefix_cache import PrefixCache
 from .sampling import Sampler, SamplingParams
 
@@ -36,27 +37,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Error kinds: message prefixes of ARCHITECTURE.md ("kind: message").
-INVALID = "invalid_request"
-CONTEXT = "context_length_exceeded"
-OVER_CAPACITY = "over_capacity"
-CANCELLED = "cancelled"
-INTERNAL = "internal"
-
-
-class RequestError(Exception):
-    def __init__(self, kind: str, message: str):
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
-        self.message = message
-
-
-def check_token_ids(ids: list[int], vocab_size: int) -> None:
-    """Raises invalid_request for an id outside the model's vocabulary."""
-    for i, t in enumerate(ids):
-        if not 0 <= t < vocab_size:
-            raise RequestError(INVALID, f"input_ids[{i}] is {t}: token ids must be in [0, {vocab_size}), "
-                                        f"the vocabulary size is {vocab_size}")
+def check_token_ids(ids, vocab_size: int) -> None:
+    """Raises invalid_request for an id outside the model's vocabulary (a list or an array)."""
+    arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
+    if bad.size:
+        i = int(bad[0])
+        raise RequestError(INVALID, f"input_ids[{i}] is {int(arr[i])}: token ids must be in [0, {vocab_size}), "
+                                    f"the vocabulary size is {vocab_size}")
 
 
 class Sink(Protocol):
@@ -146,33 +134,50 @@ class Scheduler:
                       "decode_s": 0.0, "decode_tokens": 0}
 
     # -- admission (any thread) -------------------------------------------------------------
-    def submit(self, prompt: list[int], params: SamplingParams, sink: Sink) -> None:
-        """Validate and queue; raises RequestError for the caller to report."""
-        n = len(prompt)
-        if n == 0:
-            raise RequestError(INVALID, "the prompt is empty (text_input or input_ids)")
-        check_token_ids(prompt, self.vocab)
-        limit = self.max_model_len
-        if params.max_tokens is None:
-            if n >= limit:
-                raise RequestError(CONTEXT, f"this model's maximum context length is {limit} tokens, "
-                                            f"but the prompt has {n} tokens")
-            max_tokens = limit - n
-        else:
-            max_tokens = params.max_tokens
-            if n + max_tokens > limit:
-                raise RequestError(CONTEXT, f"this model's maximum context length is {limit} tokens, "
-                                            f"but {n + max_tokens} were requested ({n} in the prompt, "
-                                            f"{max_tokens} for the completion)")
-        seq = Sequence(prompt=list(prompt), params=params, sink=sink, max_tokens=max_tokens,
-                       sampler=Sampler(params, self.vocab),
-                       detok=IncrementalDetokenizer(self.tok, prompt),
-                       stops=StopStringBuffer(params.stop))
+    def reserve(self) -> None:
+        """Hold a place for a request that is still being tokenized, so the queue bound
+        covers it too: raises over_capacity when `max_queue_size` requests already wait
+        beyond the free slots. Each reserve is followed by exactly one
+        `submit(..., reserved=True)` (which keeps or gives back the place) or `release()`."""
         with self._lock:
             if self._pending >= self.max_queue_size + self.free_rows():
                 raise RequestError(OVER_CAPACITY, f"{self._pending} requests are waiting "
                                                   f"(max_queue_size {self.max_queue_size}); retry later")
             self._pending += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    def check_length(self, n: int, max_tokens: int | None) -> int:
+        """The completion's token budget for an `n`-token prompt; raises
+        context_length_exceeded with both numbers when it does not fit."""
+        limit = self.max_model_len
+        if max_tokens is None:
+            if n >= limit:
+                raise RequestError(CONTEXT, f"this model's maximum context length is {limit} tokens, "
+                                            f"but the prompt has {n} tokens")
+            return limit - n
+        if n + max_tokens > limit:
+            raise RequestError(CONTEXT, f"this model's maximum context length is {limit} tokens, "
+                                        f"but {n + max_tokens} were requested ({n} in the prompt, "
+                                        f"{max_tokens} for the completion)")
+        return max_tokens
+
+    def submit(self, prompt: list[int], params: SamplingParams, sink: Sink, *, reserved: bool = False) -> None:
+        """Validate and queue; raises RequestError for the caller to report. `reserved`:
+        the caller took the place with `reserve()` (and gives it back if this raises)."""
+        n = len(prompt)
+        if n == 0:
+            raise RequestError(INVALID, "the prompt is empty (text_input or input_ids)")
+        max_tokens = self.check_length(n, params.max_tokens)   # first: cheap for any length
+        check_token_ids(prompt, self.vocab)
+        seq = Sequence(prompt=list(prompt), params=params, sink=sink, max_tokens=max_tokens,
+                       sampler=Sampler(params, self.vocab),
+                       detok=IncrementalDetokenizer(self.tok, prompt),
+                       stops=StopStringBuffer(params.stop))
+        if not reserved:
+            self.reserve()
         self.inbox.put(seq)
 
     def free_rows(self) -> int:
