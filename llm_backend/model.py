@@ -13,16 +13,13 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from llm_backend.engine import ModelLoadError
+from llm_backend.error_kinds import CANCELLED, INTERNAL, TRITON_CODES, RequestError, prefixed
 from llm_backend.metrics import TritonMetrics
 from llm_backend.model_config import EngineParams
 from llm_backend.protocol import ResponseSink, parse_request
-from llm_backend.scheduler import CANCELLED, CONTEXT, INTERNAL, INVALID, OVER_CAPACITY, RequestError
 from llm_backend.service import load_engine
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# TritonError and friends are injected by the stub after import: look codes up late.
-CODES = {INVALID: "INVALID_ARG", CONTEXT: "INVALID_ARG", OVER_CAPACITY: "UNAVAILABLE",
-         CANCELLED: "CANCELLED", INTERNAL: "INTERNAL"}
 
 
 class TritonSender:
@@ -47,7 +44,10 @@ class TritonSender:
             # one fails, often while the sibling's own over_capacity error is on its way.
             self.sender.send(flags=FINAL)
             return
-        error = pb_utils.TritonError(f"{kind}: {message}", getattr(pb_utils.TritonError, CODES[kind]))
+        if kind not in TRITON_CODES:   # a bug; still end the request, as the 500 it is
+            kind, message = INTERNAL, f"{kind}: {message}"
+        # TritonError's codes are injected by the stub after import: looked up late.
+        error = pb_utils.TritonError(prefixed(kind, message), getattr(pb_utils.TritonError, TRITON_CODES[kind]))
         self.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
 
     def is_cancelled(self):
@@ -81,8 +81,8 @@ class TritonPythonModel:
         for request in requests:
             sender = TritonSender(request.get_response_sender())
             try:
-                req = parse_request(lambda n, r=request: _input(r, n), self.tokenizer, self.engine.vocab_size)
-                self.engine.submit(req.prompt, req.params, ResponseSink(sender, req))
+                req = parse_request(lambda n, r=request: _input(r, n), self.engine.vocab_size)
+                self.engine.submit(req, ResponseSink(sender, req))   # tokenized by a worker
             except RequestError as err:
                 sender.send_error(err.kind, err.message)
             except Exception as err:  # never leave a request without its final flag

@@ -1,10 +1,11 @@
 """The request/response tensors of model_config.py, without Triton.
 
-`parse_request` reads a request's inputs (a `get(name) -> numpy array | None`) into a
-prompt and SamplingParams; `ResponseSink` turns the scheduler's text pieces into the
-responses the interface promises (streaming: one per piece with the token counts so
-far, then an empty final; otherwise one with the whole text). model.py supplies the
-Triton side of both.
+`parse_request` reads a request's inputs (a `get(name) -> numpy array | None`) into the
+prompt (text or ids, not yet tokenized: that happens off Triton's and the engine's
+threads, preprocess.py) and SamplingParams; `ResponseSink` turns the scheduler's text
+pieces into the responses the interface promises (streaming: one per piece with the
+token counts so far, then an empty final; otherwise one with the whole text). model.py
+supplies the Triton side of both.
 """
 
 from __future__ import annotations
@@ -14,17 +15,24 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from .error_kinds import INVALID, RequestError
 from .sampling import SamplingParams
-from .scheduler import CONTEXT, INVALID, RequestError, check_token_ids
+from .scheduler import check_token_ids
 
 
 @dataclass
 class ParsedRequest:
-    prompt: list[int]
-    prompt_text: str
+    text: str | None          # the prompt as text, or
+    ids: np.ndarray | None    # as token ids (checked against the vocabulary)
     params: SamplingParams
     stream: bool
     exclude_input: bool
+    prompt_text: str = ""     # the prompt again in the output: set once tokenized, when `echo`
+
+    @property
+    def echo(self) -> bool:
+        """Non-streaming with exclude_input_in_output=false: the output starts with the prompt."""
+        return not (self.stream or self.exclude_input)
 
 
 def _scalar(get, name, cast, default):
@@ -51,21 +59,21 @@ def _text(value) -> str:
     return str(value)
 
 
-def parse_request(get: Callable[[str], np.ndarray | None], tokenizer, vocab_size: int) -> ParsedRequest:
+def parse_request(get: Callable[[str], np.ndarray | None], vocab_size: int) -> ParsedRequest:
     """Raises RequestError (invalid_request) naming the field, the limit and the value.
     `vocab_size` is the model's (its embedding rows), which may exceed the tokenizer's."""
     ids = get("input_ids")
     text_arr = get("text_input")
+    text = None
     if ids is not None and np.asarray(ids).size > 0:
-        prompt = [int(t) for t in np.asarray(ids).reshape(-1)]
-        check_token_ids(prompt, vocab_size)   # before decoding: the tokenizer fails on a negative id
-        prompt_text = tokenizer.decode(prompt, skip_special_tokens=False) if prompt else ""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        check_token_ids(ids, vocab_size)   # before decoding: the tokenizer fails on a negative id
     elif text_arr is not None:
+        ids = None
         flat = np.asarray(text_arr).reshape(-1)
         if flat.size != 1:
             raise RequestError(INVALID, f"text_input must hold one prompt, got {flat.size}")
-        prompt_text = _text(flat[0])
-        prompt = tokenizer.encode(prompt_text, add_special_tokens=False).ids if prompt_text else []
+        text = _text(flat[0])
     else:
         raise RequestError(INVALID, "text_input (or input_ids) is required")
 
@@ -93,7 +101,7 @@ def parse_request(get: Callable[[str], np.ndarray | None], tokenizer, vocab_size
         params.validate()
     except ValueError as err:
         raise RequestError(INVALID, str(err)) from err
-    return ParsedRequest(prompt=prompt, prompt_text=prompt_text, params=params,
+    return ParsedRequest(text=text, ids=ids, params=params,
                          stream=_scalar(get, "stream", bool, False),
                          exclude_input=_scalar(get, "exclude_input_in_output", bool, True))
 
@@ -117,9 +125,10 @@ class ResponseSink:
 
     def __init__(self, sender: Sender, req: ParsedRequest):
         self.sender = sender
+        self.req = req                     # its prompt_text, once tokenized (echo)
         self.stream = req.stream
         self.want_logprobs = req.params.logprobs
-        self.text: list[str] = [] if (req.stream or req.exclude_input) else [req.prompt_text]
+        self.text: list[str] = []
         self.logprobs: list[float] = []
         self.done = False
 
@@ -148,7 +157,7 @@ class ResponseSink:
         if self.stream:
             out = self._outputs(text, logprobs, num_input_tokens, num_output_tokens)
         else:
-            out = self._outputs("".join(self.text) + text, self.logprobs + list(logprobs),
+            out = self._outputs(self.req.prompt_text + "".join(self.text) + text, self.logprobs + list(logprobs),
                                 num_input_tokens, num_output_tokens)
         out["finish_reason"] = np.array([[finish_reason.encode()]], dtype=object)
         self.done = True
@@ -164,4 +173,4 @@ class ResponseSink:
             self.sender.send_error(kind, message)
 
 
-__all__ = ["ParsedRequest", "parse_request", "ResponseSink", "RequestError", "INVALID", "CONTEXT"]
+__all__ = ["ParsedRequest", "parse_request", "ResponseSink"]

@@ -1,5 +1,6 @@
 """The threads around the scheduler (the vllm_backend structure): Triton's execute()
-only submits; an engine thread runs the steps; a responder thread does the IPC."""
+only parses and submits; tokenizer workers turn prompts into ids (preprocess.py); an
+engine thread runs the steps; a responder thread does the IPC."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import queue
 import threading
 import time
 
-from .sampling import SamplingParams
-from .scheduler import INTERNAL, OVER_CAPACITY, RequestError, Scheduler, Sequence, Sink, _ask_cancelled
+from .error_kinds import INTERNAL, OVER_CAPACITY, RequestError
+from .preprocess import Preprocessor
+from .scheduler import Scheduler, Sequence, Sink, _ask_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +61,14 @@ class EngineThread:
     """Runs the scheduler's steps on a daemon thread (the vllm_backend structure: Triton's
     execute() only submits; responses are sent from here)."""
 
-    def __init__(self, scheduler: Scheduler, idle_wait: float = 0.05):
+    def __init__(self, scheduler: Scheduler, idle_wait: float = 0.05, *, chars_per_token: int | None = None,
+                 tokenize_workers: int = 2):
         self.sched = scheduler
         self.responder = Responder()
         scheduler.responder = self.responder
         scheduler.emit = self.responder.emit
+        self.pre = Preprocessor(scheduler, scheduler.tok, chars_per_token=chars_per_token,
+                                workers=tokenize_workers)
         self.idle_wait = idle_wait
         self.closed = False
         self._stop = threading.Event()
@@ -74,10 +79,12 @@ class EngineThread:
     def vocab_size(self) -> int:
         return self.sched.vocab
 
-    def submit(self, prompt: list[int], params: SamplingParams, sink: Sink) -> None:
+    def submit(self, req, sink: Sink) -> None:
+        """A parsed request (protocol.ParsedRequest, not yet tokenized): refused at once
+        with RequestError, or tokenized by a worker and queued (failures through `sink`)."""
         if self.closed:
             raise RequestError(OVER_CAPACITY, "the model is unloading; retry later")
-        self.sched.submit(prompt, params, sink)
+        self.pre.submit(req, sink)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -93,9 +100,10 @@ class EngineThread:
         """Stop admitting, let requests in flight finish (up to the timeout), fail the rest."""
         self.closed = True
         deadline = time.monotonic() + drain_timeout
-        while not self.sched.idle and time.monotonic() < deadline:
+        while (self.pre.busy or not self.sched.idle) and time.monotonic() < deadline:
             time.sleep(0.05)
         self._stop.set()
         self._thread.join(timeout=10)
+        self.pre.close()           # what is still being tokenized fails or lands in the inbox
         self.sched.abort_all(INTERNAL, "the model was unloaded before the request finished")
         self.responder.close()

@@ -8,6 +8,7 @@ from pathlib import Path
 from .engine import Decoder, DecoderSpec, ModelLoadError, cpu_count
 from .model_config import EngineParams
 from .prefix_cache import PrefixCache
+from .preprocess import max_chars_per_token
 from .runtime import EngineThread
 from .scheduler import Scheduler
 
@@ -62,4 +63,11 @@ def load_engine(version_dir: Path, params: EngineParams, metrics=None) -> tuple[
                       max_queue_size=params.max_queue_size, prefill_chunk=params.prefill_chunk,
                       prefix_cache=PrefixCache(params.prefix_cache_mb * 2**20),
                       metrics=metrics, eos_token_ids=sorted(eos))
-    return EngineThread(sched), tokenizer
+    chars_per_token = max_chars_per_token(tokenizer)
+    if chars_per_token is None:
+        log.warning("this tokenizer gives no bound on characters per token: every prompt is tokenized "
+                    "(off the engine loop) before its length is checked")
+    else:
+        log.info("prompts over %d characters are refused before tokenizing (%d tokens of at most %d characters)",
+                 params.max_model_len * chars_per_token, params.max_model_len, chars_per_token)
+    return EngineThread(sched, chars_per_token=chars_per_token, tokenize_workers=min(4, cpu_count())), tokenizer

@@ -97,6 +97,12 @@ class ByteTokenizer:
             ids = list(text.encode())
         return E()
 
+    def encode_batch_fast(self, texts, add_special_tokens=False):
+        return [self.encode(t) for t in texts]
+
+    def decode_batch(self, batch, skip_special_tokens=True):
+        return [self.decode(ids, skip_special_tokens) for ids in batch]
+
 
 def test_incremental_detokenizer_never_splits_a_character():
     text = "añ 日本 🌊!"
@@ -491,8 +497,8 @@ def _inputs(**kw):
 def test_parse_request_reads_trtllm_style_tensors():
     req = parse_request(_inputs(text_input=[b"hi"], max_tokens=[np.int32(5)], stream=[True],
                                 stop_words=[b"a", b"bc"], random_seed=[np.uint64(9)],
-                                temperature=[np.float32(0.5)]), ByteTokenizer(), 256)
-    assert req.prompt == [104, 105] and req.stream and req.params.stop == ["a", "bc"]
+                                temperature=[np.float32(0.5)]), 256)
+    assert req.text == "hi" and req.ids is None and req.stream and req.params.stop == ["a", "bc"]
     assert req.params.seed == 9 and req.params.max_tokens == 5 and req.params.temperature == 0.5
 
 
@@ -500,13 +506,13 @@ def test_parse_request_reads_trtllm_style_tensors():
                                       (dict(text_input=[b"\xff"]), "UTF-8")])
 def test_parse_request_errors_are_invalid_request(kw, field):
     with pytest.raises(RequestError) as err:
-        parse_request(_inputs(**kw), ByteTokenizer(), 256)
+        parse_request(_inputs(**kw), 256)
     assert err.value.kind == "invalid_request" and field in str(err.value)
 
 
 def test_streaming_sink_sends_pieces_then_data_then_empty_final():
     snd = RecordingSender()
-    req = parse_request(_inputs(text_input=[b"hi"], stream=[True]), ByteTokenizer(), 256)
+    req = parse_request(_inputs(text_input=[b"hi"], stream=[True]), 256)
     sink = ResponseSink(snd, req)
     sink.piece("a", [], 2, 1)
     sink.finish("b", [], "length", 2, 2)
@@ -516,7 +522,7 @@ def test_streaming_sink_sends_pieces_then_data_then_empty_final():
 
 def test_streamed_responses_carry_the_running_token_counts():
     snd = RecordingSender()
-    req = parse_request(_inputs(text_input=[b"hi"], stream=[True]), ByteTokenizer(), 256)
+    req = parse_request(_inputs(text_input=[b"hi"], stream=[True]), 256)
     sink = ResponseSink(snd, req)
     sink.piece("a", [], 2, 1)
     sink.piece("bc", [], 2, 3)
@@ -529,17 +535,14 @@ def test_streamed_responses_carry_the_running_token_counts():
 
 
 def test_input_ids_outside_the_vocabulary_are_invalid_request():
-    """Checked before the prompt is decoded: the tokenizer failed on a negative id or
-    one of 2**32 or more (OverflowError: a 500). The model's vocabulary is the limit; it
-    may be larger than the tokenizer's."""
-    from tokenizers import Tokenizer, models
-
-    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>"))
+    """Checked when the tensors are read, before the prompt is ever decoded: the tokenizer
+    failed on a negative id or one of 2**32 or more (OverflowError: a 500). The model's
+    vocabulary is the limit; it may be larger than the tokenizer's."""
     ids = lambda *t: lambda name: np.array([t], dtype=np.int64) if name == "input_ids" else None  # noqa: E731
-    assert parse_request(ids(0, 1, 40), tok, vocab_size=50).prompt == [0, 1, 40]
+    assert parse_request(ids(0, 1, 40), vocab_size=50).ids.tolist() == [0, 1, 40]
     for bad in ([0, -1], [50], [1, 2**40]):
         with pytest.raises(RequestError) as err:
-            parse_request(ids(*bad), tok, vocab_size=50)
+            parse_request(ids(*bad), vocab_size=50)
         msg = str(err.value)
         assert msg.startswith("invalid_request: input_ids") and "vocabulary size is 50" in msg
         assert str(bad[-1]) in msg
@@ -592,8 +595,9 @@ def test_fake_model_streams_the_running_token_counts(monkeypatch):
 
 def test_non_streaming_sink_sends_one_final_response():
     snd = RecordingSender()
-    req = parse_request(_inputs(text_input=[b"hi"], exclude_input_in_output=[False]), ByteTokenizer(), 256)
+    req = parse_request(_inputs(text_input=[b"hi"], exclude_input_in_output=[False]), 256)
     sink = ResponseSink(snd, req)
+    req.prompt_text = "hi"                                 # what preprocessing sets for an echo
     sink.piece("a", [], 2, 1)
     sink.finish("b", [], "stop", 2, 2)
     sink.fail("cancelled", "late")                         # after the end: nothing more
@@ -696,10 +700,22 @@ def test_logits_of_any_shape_through_a_kept_binding(tmp_path, monkeypatch):
     assert len(whole._bindings) == 1
 
 
-def test_error_to_a_cancelled_request_is_the_bare_final_flag(monkeypatch):
-    """Triton never releases an error response sent to a cancelled request, and the model
-    then cannot unload (tritonserver killed after its exit timeout). The adapter cancels
-    a request's other choices when one gets over_capacity, often while theirs is sent."""
+class RawSender:
+    """Triton's response sender: what was sent, and whether the client cancelled."""
+
+    def __init__(self, cancelled=False):
+        self.cancelled, self.sent = cancelled, []
+
+    def is_cancelled(self):
+        return self.cancelled
+
+    def send(self, response=None, flags=0):
+        self.sent.append((response, flags))
+
+
+@pytest.fixture
+def triton_sender(monkeypatch):
+    """model.TritonSender over a stand-in for triton_python_backend_utils (FINAL is 1)."""
     import sys
     import types
 
@@ -714,22 +730,18 @@ def test_error_to_a_cancelled_request_is_the_bare_final_flag(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
     monkeypatch.delitem(sys.modules, "llm_backend.model", raising=False)
     from llm_backend.model import TritonSender
+    return TritonSender
 
-    class Raw:
-        def __init__(self, cancelled):
-            self.cancelled, self.sent = cancelled, []
 
-        def is_cancelled(self):
-            return self.cancelled
-
-        def send(self, response=None, flags=0):
-            self.sent.append((response, flags))
-
-    gone = Raw(cancelled=True)
-    TritonSender(gone).send_error("over_capacity", "64 requests are waiting")
+def test_error_to_a_cancelled_request_is_the_bare_final_flag(triton_sender):
+    """Triton never releases an error response sent to a cancelled request, and the model
+    then cannot unload (tritonserver killed after its exit timeout). The adapter cancels
+    a request's other choices when one gets over_capacity, often while theirs is sent."""
+    gone = RawSender(cancelled=True)
+    triton_sender(gone).send_error("over_capacity", "64 requests are waiting")
     assert gone.sent == [(None, 1)]
-    live = Raw(cancelled=False)
-    TritonSender(live).send_error("over_capacity", "64 requests are waiting")
+    live = RawSender(cancelled=False)
+    triton_sender(live).send_error("over_capacity", "64 requests are waiting")
     (response, flags), = live.sent
     assert flags == 1 and response["error"].message.startswith("over_capacity: ")
 
@@ -760,3 +772,256 @@ def test_abort_all_reports_the_emptied_state():
     s.abort_all("internal", "engine step failed")
     assert s.idle and all(k.error for k in sinks)
     assert m.last == (0, 0, 0.0)
+
+
+# -- tokenizing off the engine loop ----------------------------------------------------------------------
+
+
+def wait_until(condition, timeout=20.0, what="condition"):
+    """Poll a state (threads of the engine are at work); never a bare sleep."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+class GatedTokenizer(ByteTokenizer):
+    """Encoding a prompt that starts with "##" blocks until `gate` is set (like a
+    tokenizer at work with the GIL released); `entered` says it has begun. (FakeDecoder's
+    vocabulary is 64: prompts are digits and punctuation.)"""
+
+    def __init__(self):
+        import threading
+
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def encode_batch_fast(self, texts, add_special_tokens=False):
+        if texts[0].startswith("##"):
+            self.entered.set()
+            assert self.gate.wait(30), "the test never opened the gate"
+        return super().encode_batch_fast(texts, add_special_tokens)
+
+
+def _request(text, **kw):
+    from llm_backend.protocol import parse_request
+
+    inputs = {"text_input": [text.encode()], **{k: [v] for k, v in kw.items()}}
+    return parse_request(_inputs(**inputs), 256)
+
+
+def _engine(tokenizer, chars_per_token=None, **kw):
+    from llm_backend.runtime import EngineThread
+
+    opts = dict(max_model_len=64, max_queue_size=4, prefill_chunk=8, prefix_cache=PrefixCache(0))
+    opts.update(kw)
+    sched = Scheduler(FakeDecoder(), tokenizer, **opts)
+    return EngineThread(sched, idle_wait=0.01, chars_per_token=chars_per_token)
+
+
+def test_the_engine_keeps_stepping_while_a_prompt_is_tokenized():
+    """A prompt is tokenized by a worker, never on the engine thread (nor Triton's): a
+    request that arrives later is prefilled and decoded to its end while the first
+    one's tokenizer is still at work."""
+    tok = GatedTokenizer()
+    engine = _engine(tok)
+    decodes = lambda: sum(1 for c in engine.sched.dec.calls if c[0] == "decode")  # noqa: E731
+    try:
+        running, slow = ListSink(), ListSink()
+        engine.submit(_request("## 345", max_tokens=np.int32(3)), slow)    # returns at once
+        assert tok.entered.wait(10)
+        engine.submit(_request("12", max_tokens=np.int32(40), ignore_eos=True), running)
+        wait_until(lambda: running.end is not None, what="the later request to finish")
+        assert running.end == ("length", 2, 40) and len(running.counts) == 39
+        assert decodes() == 39                                # every step ran while tokenizing
+        assert not tok.gate.is_set() and slow.end is None and slow.error is None
+        assert engine.pre.busy == 1 and engine.sched._pending == 1   # reserved, not yet queued
+        tok.gate.set()
+        wait_until(lambda: slow.end is not None, what="the slow prompt's request to finish")
+        assert slow.end == ("length", len("## 345"), 3)
+    finally:
+        tok.gate.set()
+        engine.close(drain_timeout=5)
+    assert engine.pre.busy == 0 and engine.sched._pending == 0
+
+
+def test_a_prompt_over_the_character_bound_is_refused_before_tokenizing():
+    """At most 3 characters a token and 64 tokens of context: 193 characters cannot fit."""
+    from llm_backend.error_kinds import RequestError as Refused
+
+    class Counting(ByteTokenizer):
+        calls = 0
+
+        def encode_batch_fast(self, texts, add_special_tokens=False):
+            Counting.calls += 1
+            return super().encode_batch_fast(texts, add_special_tokens)
+
+    engine = _engine(Counting(), chars_per_token=3)
+    try:
+        with pytest.raises(Refused) as err:
+            engine.submit(_request("x" * 193), ListSink())
+        msg = str(err.value)
+        assert msg.startswith("context_length_exceeded: ") and err.value.kind == "context_length_exceeded"
+        assert "193 characters" in msg and "192" in msg and "64 tokens" in msg
+        assert Counting.calls == 0 and engine.sched._pending == 0
+
+        sink = ListSink()                                 # under the bound: tokenized, then the exact check
+        engine.submit(_request("x" * 192), sink)
+        wait_until(lambda: sink.error is not None, what="the exact check")
+        assert sink.error[0] == "context_length_exceeded" and "192 tokens" in sink.error[1]
+        assert Counting.calls == 1
+
+        from llm_backend.protocol import parse_request
+
+        def ids(n):
+            return parse_request(lambda name: np.arange(1, n + 1)[None] if name == "input_ids" else None, 256)
+
+        with pytest.raises(Refused, match="the prompt has 64 tokens"):   # ids: counted, never decoded
+            engine.submit(ids(64), ListSink())
+        ok = ListSink()
+        engine.submit(ids(10), ok)
+        wait_until(lambda: ok.end is not None, what="the ids request")
+        assert ok.end[1] == 10
+    finally:
+        engine.close(drain_timeout=5)
+    assert engine.sched._pending == 0
+
+
+def test_a_request_cancelled_while_tokenized_ends_with_the_bare_final_flag(triton_sender):
+    """It never reaches the scheduler; its slot reservation is given back."""
+    from llm_backend.protocol import ResponseSink
+
+    tok = GatedTokenizer()
+    engine = _engine(tok)
+    try:
+        raw = RawSender()
+        req = _request("## 6 7 8", max_tokens=np.int32(5))
+        engine.submit(req, ResponseSink(triton_sender(raw), req))
+        assert tok.entered.wait(10)
+        raw.cancelled = True                              # the client leaves mid-tokenization
+        tok.gate.set()
+        wait_until(lambda: raw.sent, what="the final flag")
+        wait_until(lambda: engine.pre.busy == 0, what="the worker to finish")
+        assert raw.sent == [(None, 1)]
+        assert engine.sched._pending == 0 and engine.sched.idle
+        assert not [c for c in engine.sched.dec.calls if c[0] == "prefill"]
+        assert req.text is None                           # the prompt is not kept
+    finally:
+        tok.gate.set()
+        engine.close(drain_timeout=5)
+
+
+def test_unload_while_a_prompt_is_tokenized_ends_every_request():
+    tok = GatedTokenizer()
+    engine = _engine(tok)
+    slow, queued = ListSink(), ListSink()
+    engine.submit(_request("## 9", max_tokens=np.int32(2)), slow)
+    engine.submit(_request("## 10", max_tokens=np.int32(2)), queued)     # the second worker's
+    assert tok.entered.wait(10)
+    import threading
+    closer = threading.Thread(target=engine.close, kwargs={"drain_timeout": 0.2})
+    closer.start()
+    wait_until(lambda: engine.closed, what="closing")
+    with pytest.raises(RequestError, match="unloading"):
+        engine.submit(_request("11"), ListSink())
+    tok.gate.set()
+    closer.join(30)
+    assert not closer.is_alive()
+    for sink in (slow, queued):
+        assert sink.end is not None or sink.error is not None
+    assert engine.sched._pending == 0
+
+
+def _bpe_tokenizer(normalizer=None, pre_tokenizer="bytelevel", vocab_size=400, **model_kw):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(**model_kw))
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.pre_tokenizer = (pre_tokenizers.ByteLevel(add_prefix_space=False) if pre_tokenizer == "bytelevel"
+                         else pre_tokenizer)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["the quick brown fox jumps over the lazy dog " * 3, "=" * 40, " " * 30 + "indented",
+              "ὦ ᾂ ἄλφα βῆτα", "日本語のテキスト", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|im_start|>", "<|im_end|>"], show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def _prompts():
+    import unicodedata
+
+    greek = unicodedata.normalize("NFD", "ᾂᾂᾂ ὦ ἄλφα ") * 50     # NFC composes 4 code points into 1
+    return ["the quick brown fox " * 40, "=" * 500, " " * 300, "<|im_start|>" * 20, "日本語" * 100, greek,
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" * 30 + "\n" * 50]
+
+
+def test_characters_per_token_bound_the_prompt_for_byte_level_and_composing_tokenizers():
+    from tokenizers import normalizers
+
+    from llm_backend.preprocess import MAX_COMPOSED, encode, max_chars_per_token
+
+    for normalizer, factor in ((None, 1), (normalizers.NFC(), MAX_COMPOSED),
+                               (normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()]), MAX_COMPOSED)):
+        tok = _bpe_tokenizer(normalizer)
+        c = max_chars_per_token(tok)
+        longest = max(len(t) for t in tok.get_vocab(with_added_tokens=True))
+        assert c == factor * longest
+        for text in _prompts():
+            n = len(encode(tok, text))
+            assert len(text) <= c * n, (normalizer, text[:20])
+
+
+def test_tokenizers_that_can_drop_text_have_no_character_bound():
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
+
+    from llm_backend.preprocess import max_chars_per_token
+
+    assert max_chars_per_token(_bpe_tokenizer(normalizers.Strip())) is None
+    assert max_chars_per_token(_bpe_tokenizer(normalizers.Replace("  ", ""))) is None
+    assert max_chars_per_token(_bpe_tokenizer(normalizers.Replace(" ", "▁"))) is not None
+    assert max_chars_per_token(_bpe_tokenizer(pre_tokenizer=pre_tokenizers.Whitespace())) is None
+    assert max_chars_per_token(_bpe_tokenizer(unk_token="<unk>", fuse_unk=True)) is None
+    assert max_chars_per_token(Tokenizer(models.WordPiece({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))) is None
+    stripping = _bpe_tokenizer()
+    stripping.add_special_tokens([AddedToken("<mask>", lstrip=True)])
+    assert max_chars_per_token(stripping) is None
+    assert max_chars_per_token(ByteTokenizer()) is None          # not a tokenizers.Tokenizer
+
+
+def test_max_composed_is_the_longest_canonical_composition():
+    import sys
+    import unicodedata
+
+    from llm_backend.preprocess import MAX_COMPOSED
+
+    longest = 0
+    for cp in range(sys.maxunicode + 1):
+        if 0xD800 <= cp <= 0xDFFF:
+            continue
+        c = chr(cp)
+        d = unicodedata.normalize("NFD", c)
+        if len(d) > longest and unicodedata.normalize("NFC", d) == c:
+            longest = len(d)
+    assert longest == MAX_COMPOSED
+
+
+def test_the_default_model_tokenizer_bound():
+    """SmolLM2: byte-level BPE, no normalizer; its longest token is 81 characters."""
+    from pathlib import Path
+
+    from llm_backend.preprocess import encode, max_chars_per_token
+
+    path = Path(__file__).resolve().parents[2] / ".cache" / "models" / "smollm2-135m-instruct" / "tokenizer.json"
+    if not path.exists():
+        pytest.skip("the default checkpoint is not fetched")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    c = max_chars_per_token(tok)
+    assert c == 81
+    for text in _prompts() + [" " * 5000, "#" * 5000]:
+        assert len(text) <= c * len(encode(tok, text))
