@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
@@ -68,8 +69,10 @@ class Result:
 
 
 async def generate(client: grpcclient.InferenceServerClient, model: str, prompt: str | None = None,
-                   *, cancel_after: int | None = None, request_id: str = "", **values) -> Result:
-    """One request over a decoupled stream; `cancel_after=n` cancels after n responses."""
+                   *, cancel_after: int | None = None, request_id: str = "",
+                   on_piece: Callable[[str], None] | None = None, **values) -> Result:
+    """One request over a decoupled stream; `cancel_after=n` cancels after n responses;
+    `on_piece` is called with each non-empty text piece as it arrives."""
     res = Result(start=time.perf_counter())
     values.setdefault("stream", True)
 
@@ -93,6 +96,8 @@ async def generate(client: grpcclient.InferenceServerClient, model: str, prompt:
                 res.pieces.append(piece)
                 if piece:
                     res.times.append(time.perf_counter())
+                    if on_piece is not None:
+                        on_piece(piece)
             for name in ("num_input_tokens", "num_output_tokens"):
                 arr = result.as_numpy(name)
                 if arr is not None:

@@ -206,6 +206,51 @@ async def test_context_overflow_is_invalid_with_both_numbers(client):
     assert r.error.startswith("invalid_request: ") and "temperature" in r.error
 
 
+async def until(condition, timeout: float = 60.0, what: str = "condition") -> None:
+    """Wait for a state the streams reach (polling the event loop), never a bare sleep."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_a_giant_prompt_does_not_stall_the_running_streams(client):
+    """A 3.8 MB prompt was tokenized on the stub's execute() thread with the GIL held:
+    every stream of the model stopped for seconds (8 such prompts: 14 s). Now its size is
+    checked against the context before any tokenizing, off the engine loop.
+
+    Counted, not timed: the model's running stream keeps pace with a stream of another
+    model (another stub process, a clock no prompt to this model can stop) while giant
+    prompts are in flight the whole time, as it did before they came."""
+    log: list[str] = []
+    giant = chat("lorem ipsum " * 300_000)                               # 3.6 MB
+    streams = [asyncio.create_task(generate(client, model, PROMPTS[1], max_tokens=450, ignore_eos=True,
+                                            on_piece=lambda _, tag=tag: log.append(tag)))
+               for model, tag in ((MODEL, "model"), (INT4, "clock"))]
+    try:
+        await until(lambda: "model" in log and "clock" in log, what="both streams to start")
+        calm = len(log)
+        await until(lambda: log[calm:].count("clock") >= 40, what="40 tokens of the clock")
+        calm_log = log[calm:]
+        start, answers = len(log), []
+        while log[start:].count("clock") < 40:                          # giants in flight throughout
+            answers += await asyncio.gather(*(generate(client, MODEL, giant, max_tokens=16) for _ in range(2)))
+        during_log = log[start:]
+    finally:
+        for s in streams:
+            s.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+    pace = [w.count("model") / w.count("clock") for w in (calm_log, during_log)]   # model tokens per clock tick
+    counts = (f"model/clock tokens: {calm_log.count('model')}/{calm_log.count('clock')} before, "
+              f"{during_log.count('model')}/{during_log.count('clock')} with {len(answers)} giants in flight")
+    assert calm_log.count("model") >= 6, counts
+    assert pace[1] >= pace[0] / 3, counts
+    for r in answers:                                                    # refused before tokenizing
+        assert r.error.startswith("context_length_exceeded: ") and f"has {len(giant)} characters" in r.error
+        assert "512 tokens" in r.error
+
+
 async def test_token_ids_outside_the_vocabulary_are_invalid(client):
     for ids in ([1, -5], [1, 2**40]):
         r = await generate(client, MODEL, input_ids=ids, max_tokens=2)
