@@ -17,7 +17,7 @@ from .drain import Drain
 from .errors import OpenAIError
 from .health import Health, Prober, StaticHealth
 from .metrics import Metrics, RequestCounter
-from .routing import Router
+from .routing import Router, choose
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .serving import Deps, principal, resolve_model
 from .serving_chat import create_chat_completion
@@ -227,6 +227,7 @@ def create_app(settings: Optional[Settings] = None, client: Optional[LLMClient] 
                               slots=_slots(settings, llm))
         if client is None:
             app.state.deps.on_generation_ok = prober.note_success
+            prober.version_for = lambda model: _routed_version(router, pool, model)
         log.info("settings: %s", settings.redacted())
         try:
             yield
@@ -270,6 +271,14 @@ def _slots(settings: Settings, client: LLMClient):
         return min(per_endpoint * max(1, serving), settings.max_in_flight)
 
     return slots
+
+
+def _routed_version(router: Router, pool: TritonPool, model: str) -> str:
+    """The version a request to `model` would go to now ("" when none is ready)."""
+    try:
+        return str(choose(model, router.get(model), pool.versions(model), None))
+    except OpenAIError:
+        return ""
 
 
 class _LazyMetrics:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from .errors import ClientGone, OpenAIError
 from .metrics import Metrics
@@ -37,6 +37,7 @@ class Prober:
 
     def __init__(self, pool: TritonPool, settings: Settings, metrics: Metrics) -> None:
         self.pool, self.settings, self.metrics = pool, settings, metrics
+        self.version_for: Callable[[str], str] = lambda model: ""  # set by the app: the routed version
         self.last_ok: dict[str, float] = {}  # model -> monotonic time of the last good generation
         self.last_error: dict[str, str] = {}
 
@@ -95,8 +96,9 @@ class Prober:
     async def _generate(self, ep, model: str) -> None:
         if time.monotonic() - self.last_ok.get(model, -1e9) < self.settings.health_interval_s:
             return  # traffic just proved it
+        # The version that takes traffic, not a candidate llm-deploy is still validating.
         req = GenerationRequest(model=model, prompt="Hello", max_tokens=1, temperature=0.0,
-                                request_id="health-probe")
+                                request_id="health-probe", model_version=self.version_for(model))
         ok = False
         try:
             async with asyncio.timeout(self.settings.health_max_age_s):
