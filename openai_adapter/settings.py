@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     # Admission per model: its slots (0: max_num_seqs from its Triton config), and how long
     # a request may be expected to wait for one before it gets 429 instead.
     model_slots: int = _env("ADAPTER_MODEL_SLOTS", "model_slots", 0, ge=0)
-    max_queue_wait_s: float = _env("ADAPTER_MAX_QUEUE_WAIT_S", "max_queue_wait_s", 1.0, ge=0)
+    max_queue_wait_s: float = _env("ADAPTER_MAX_QUEUE_WAIT_S", "max_queue_wait_s", 0.5, ge=0)
     body_timeout_s: float = _env("ADAPTER_BODY_TIMEOUT_S", "body_timeout_s", 30.0, gt=0)
     request_timeout_s: float = _env("ADAPTER_REQUEST_TIMEOUT_S", "request_timeout_s", 600.0, ge=0)
     max_body_bytes: int = _env("ADAPTER_MAX_BODY_BYTES", "max_body_bytes", 4 * 1024 * 1024, ge=0)
