@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     request_timeout_s: float = _env("ADAPTER_REQUEST_TIMEOUT_S", "request_timeout_s", 600.0, ge=0)
     max_body_bytes: int = _env("ADAPTER_MAX_BODY_BYTES", "max_body_bytes", 4 * 1024 * 1024, ge=0)
     max_n: int = _env("ADAPTER_MAX_N", "max_n", 8, ge=1)
-    health_interval_s: float = _env("ADAPTER_HEALTH_INTERVAL_S", "health_interval_s", 2.0, ge=0)
+    # 1 s: a backend process that dies is found by the next probe (Triton answers it at once).
+    health_interval_s: float = _env("ADAPTER_HEALTH_INTERVAL_S", "health_interval_s", 1.0, ge=0)
     health_max_age_s: float = _env("ADAPTER_HEALTH_MAX_AGE_S", "health_max_age_s", 10.0)
     health_probe_generation: bool = _env("ADAPTER_HEALTH_PROBE_GENERATION", "health_probe_generation", True)
     upstream_timeout_s: float = _env("ADAPTER_UPSTREAM_TIMEOUT_S", "upstream_timeout_s", 5.0)

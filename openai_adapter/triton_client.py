@@ -69,6 +69,7 @@ class ModelInfo:
     bos_token: str = ""
     eos_token: str = ""
     max_model_len: int = 0
+    max_num_seqs: int = 0  # sequences the model decodes at once (its KV slots); 0: the config does not say
 
 
 class LLMClient(Protocol):
@@ -145,6 +146,10 @@ class Endpoint:
         self.models: dict[str, ModelInfo] = {}
         self.ready: set[str] = set()
         self.ready_versions: dict[str, frozenset[int]] = {}
+        # Models whose backend process died here: refused until reloaded; their streams end.
+        self.broken: dict[str, float] = {}
+        self.aborts: dict[str, asyncio.Event] = {}
+        self.recovery: Optional[asyncio.Task] = None
         self.versions: dict[str, str] = {}  # model -> versions seen, to re-read a reloaded config
         self.reachable = False
         self.grpc = grpcclient.InferenceServerClient(grpc_url, channel_args=_GRPC_CHANNEL_ARGS)
@@ -153,7 +158,7 @@ class Endpoint:
                                                      ssl=http_url.startswith("https://"))
 
     def usable(self, model: str, version: str = "") -> bool:
-        if self.breaker.is_open or model not in self.ready:
+        if self.breaker.is_open or model not in self.ready or model in self.broken:
             return False
         return not version or int(version) in self.ready_versions.get(model, ())
 
@@ -182,7 +187,27 @@ class Endpoint:
         self.ready = ready
         self.reachable = True
 
+    def abort_event(self, model: str) -> asyncio.Event:
+        return self.aborts.setdefault(model, asyncio.Event())
+
+    async def reload(self, model: str, timeout: float) -> None:
+        """Unload and load the model through Triton's repository API: a new backend
+        process. The old instance may never finish unloading (Triton keeps the requests
+        of a dead process), so the load does not wait for it."""
+        await self.http.unload_model(model, headers=self.admin_headers)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = {e.get("state") for e in await self.http.get_model_repository_index(headers=self.admin_headers)
+                      if e.get("name") == model}
+            if "READY" not in states:
+                break
+            await asyncio.sleep(0.1)
+        await self.http.load_model(model, headers=self.admin_headers)
+
     async def close(self) -> None:
+        if self.recovery is not None:
+            self.recovery.cancel()
+            await asyncio.gather(self.recovery, return_exceptions=True)
         await self.grpc.close()
         await self.http.close()
 
@@ -192,12 +217,15 @@ def _model_info(name: str, config: dict) -> Optional[ModelInfo]:
         return None
     params = {k: (v.get("string_value", "") if isinstance(v, dict) else str(v))
               for k, v in (config.get("parameters") or {}).items()}
-    try:
-        max_len = int(params.get("max_model_len") or 0)
-    except ValueError:
-        max_len = 0
+    def number(key: str) -> int:
+        try:
+            return int(params.get(key) or 0)
+        except ValueError:
+            return 0
+
+    instances = sum(int(g.get("count", 1) or 1) for g in config.get("instance_group") or []) or 1
     return ModelInfo(name, params.get("chat_template", ""), params.get("bos_token", ""),
-                     params.get("eos_token", ""), max_len)
+                     params.get("eos_token", ""), number("max_model_len"), number("max_num_seqs") * instances)
 
 
 def _tensor(name: str, dtype: str, arr: np.ndarray) -> InferInput:
@@ -254,6 +282,15 @@ def parse_chunk(result, decoder: Optional[codecs.IncrementalDecoder] = None) -> 
     except AttributeError:
         version = ""
     return Chunk("".join(pieces), reason, count("num_input_tokens"), count("num_output_tokens"), version)
+
+
+# What Triton's Python backend answers once a model instance's stub process is gone.
+BACKEND_DEAD = "is not healthy"
+
+
+async def _cancel_when(event: asyncio.Event, stream) -> None:
+    await event.wait()
+    stream.cancel()
 
 
 class UpstreamDown(Exception):
@@ -357,7 +394,7 @@ class TritonPool:
 
     def models(self) -> list[ModelInfo]:
         known = self._all_models()
-        ready = {m for ep in self.endpoints if not ep.breaker.is_open for m in ep.ready}
+        ready = {m for ep in self.endpoints if not ep.breaker.is_open for m in ep.ready if m not in ep.broken}
         return [known[m] for m in sorted(ready) if m in known]
 
     def versions(self, name: str) -> set[int]:
@@ -381,6 +418,40 @@ class TritonPool:
         low = min(ep.in_flight for ep in candidates)
         best = [ep for ep in candidates if ep.in_flight == low]
         return best[next(self._rr) % len(best)]
+
+    # -- a backend process that died ----------------------------------------------
+    def _restarting(self, model: str) -> OpenAIError:
+        return unavailable(f"the model {model!r} stopped (its backend process died) and is being loaded again",
+                           self.retry_after, code="model_restarting")
+
+    def backend_died(self, ep: Endpoint, model: str) -> None:
+        """Triton says the model's backend process is gone: refuse new requests here, end
+        the streams it will never answer, and load the model again in the background."""
+        if model in ep.broken:
+            return
+        log.error("Triton %s: the backend process of %s died; ending its streams and loading it again",
+                  ep.http_url, model)
+        ep.broken[model] = time.monotonic()
+        ep.abort_event(model).set()
+        self._on_error(ep.grpc_url, "backend_died")
+        ep.recovery = asyncio.ensure_future(self._recover(ep, model))
+
+    async def _recover(self, ep: Endpoint, model: str) -> None:
+        pause = 1.0
+        while True:
+            try:
+                await ep.reload(model, timeout=5.0)
+                await ep.refresh()
+                if model in ep.ready:
+                    break
+            except Exception as err:  # Triton busy or away: try again
+                log.warning("reloading %s on %s failed (%s: %s); again in %g s", model, ep.http_url,
+                            type(err).__name__, err, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 15.0)
+        ep.broken.pop(model, None)
+        ep.aborts.pop(model, None)  # streams from now on watch a fresh event
+        log.info("Triton %s: %s loaded again after its backend process died", ep.http_url, model)
 
     # -- generation --------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -417,15 +488,26 @@ class TritonPool:
         finished = False
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         stream = ep.grpc.stream_infer(inputs_iterator=requests())
+        # A dead backend process never answers its streams: when one is found dead, this
+        # watcher cancels ours, so the client gets an error instead of waiting forever.
+        aborted = ep.abort_event(request.model)
+        watcher = asyncio.ensure_future(_cancel_when(aborted, stream))
         try:
             while True:
                 try:
                     result, error = await stream.__anext__()
+                except asyncio.CancelledError:
+                    if aborted.is_set():
+                        finished = True
+                        raise self._restarting(request.model) from None
+                    raise
                 except StopAsyncIteration:
                     finished = True
                     raise UpstreamDown("stream ended without the final response") from None
                 except grpc.aio.AioRpcError as err:
                     finished = True
+                    if aborted.is_set():
+                        raise self._restarting(request.model) from None
                     mapped = from_model_message(str(err.details() or ""), self.retry_after)
                     if isinstance(mapped, OpenAIError) and mapped.status == 429:
                         raise mapped from None  # queue full: busy, not down
@@ -436,6 +518,9 @@ class TritonPool:
                     raise mapped from None
                 if error is not None:
                     finished = True
+                    if BACKEND_DEAD in error.message():
+                        self.backend_died(ep, request.model)
+                        raise self._restarting(request.model) from None
                     mapped = from_model_message(error.message(), self.retry_after)
                     if isinstance(mapped, OpenAIError) and mapped.code == "model_not_ready":
                         ep.ready.discard(request.model)
@@ -457,6 +542,7 @@ class TritonPool:
                     finished = True
                     return
         finally:
+            watcher.cancel()
             done.set()
             ep.in_flight -= 1
             if not finished:
