@@ -90,7 +90,11 @@ def check_serving(gpu: bool, backends: Path, package_dir: Path) -> list[str]:
             importlib.import_module(module)
         except Exception as err:  # noqa: BLE001 - any failure to import is the finding
             problems.append(f"llm_backend imports {module!r}, which does not import here: {err}")
-    for module in ("llm_backend.service", "llm_backend.engine", "llm_backend.metrics"):
+    # every module of the package but model.py (it needs the stub's pb_utils)
+    for py in sorted(package_dir.glob("*.py")):
+        if py.name in NOT_BACKEND or py.name in ("model.py", "__init__.py"):
+            continue
+        module = f"{package_dir.name}.{py.stem}"
         try:
             importlib.import_module(module)
         except Exception as err:  # noqa: BLE001
