@@ -9,9 +9,10 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
 LLAMA_VENV := .cache/llama-venv
+LLAMA_SERVER := .cache/llama-server/build/bin/llama-server
 LLAMA_STAMP := $(LLAMA_VENV)/.installed
 
-.PHONY: venv model serve triton test test-fast bench llama-venv clean
+.PHONY: venv model serve triton test test-fast bench bench-engine llama-venv clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,9 +43,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -ra -m "not e2e and not slow"
 
-## Benchmarks (not tests): print tables, write bench/results/. The llama.cpp baseline
-## needs llama-cpp-python, which compiles from source (about 8 minutes, once).
-bench: $(STAMP) $(LLAMA_STAMP)
+## Benchmark (not a test): the whole stack through the OpenAI API against llama.cpp's own
+## C++ server (built once from source, about 6 minutes) and transformers, in one run;
+## tables, JSON and plots in docs/bench-results/.
+bench: $(STAMP) $(LLAMA_SERVER)
+	$(PY) -m bench.serving
+
+$(LLAMA_SERVER): bench/llama_server.py
+	$(PY) -m bench.llama_server build
+
+## The engine alone over gRPC at several precisions, with llama-cpp-python in process
+## (its own venv, compiled from source once, about 8 minutes).
+bench-engine: $(STAMP) $(LLAMA_STAMP)
 	$(PY) -m bench.engine --llamacpp-python $(LLAMA_VENV)/bin/python
 
 $(LLAMA_STAMP): bench/requirements-llamacpp.txt

@@ -1,0 +1,281 @@
+"""`make bench`: the whole stack through the OpenAI API against llama.cpp's own server.
+
+In turns in one run, on the same prompts (fixed length, `ignore_eos` so every request
+makes exactly `--output-len` tokens, greedy), streaming, clients starting `--stagger`
+seconds apart, at each concurrency:
+
+    ours (OpenAI API)   tritonserver + the adapter, as `make serve` runs them
+    ours (gRPC)         the model directly over Triton's gRPC stream: the adapter's cost
+    llama-server        llama.cpp's C++ server (bench/llama_server.py), its OpenAI API,
+                        one slot per client, repacking and continuous batching on
+    transformers        `generate`, fp32, the same prompts as one batch: the floor
+
+Writes docs/bench-results/serving-<time>.json, .md and a PNG of throughput and time to
+first token against concurrency, and prints the table with the ratios.
+
+    python -m bench.serving [--concurrency 1 4 16 64] [--output-len 64] [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "bench-results"
+MODEL = "smollm2-135m-instruct"
+
+
+def pct(values: list[float], q: float):
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
+
+
+async def openai_stream(http: httpx.AsyncClient, url: str, model: str, prompt: str, output_len: int) -> dict:
+    """One streaming /v1/completions request: arrival times of its text chunks."""
+    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    start, times, error = time.perf_counter(), [], None
+    async with http.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"error": f"{r.status_code}: {(await r.aread())[:200]!r}", "status": r.status_code}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                error = event["error"]
+            elif event.get("choices") and event["choices"][0].get("text"):
+                times.append(time.perf_counter())
+    return {"start": start, "times": times, "error": error, "status": 200}
+
+
+async def grpc_stream(client, model: str, ids: list[int], output_len: int) -> dict:
+    from bench.llm_client import generate
+    r = await generate(client, model, input_ids=ids, max_tokens=output_len, ignore_eos=True, temperature=0.0)
+    return {"start": r.start, "times": r.times, "error": r.error, "status": 200 if not r.error else 500}
+
+
+async def load(send, concurrency: int, rounds: int, stagger: float) -> tuple[list[dict], float]:
+    """`concurrency` closed-loop clients, each sending `rounds` requests, starts staggered."""
+    results: list[dict] = []
+
+    async def client(c: int) -> None:
+        await asyncio.sleep(c * stagger)
+        for r in range(rounds):
+            results.append(await send(c * rounds + r))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(concurrency)))
+    return results, time.perf_counter() - t0
+
+
+def summarize(results: list[dict], elapsed: float, output_len: int) -> dict:
+    ok = [r for r in results if not r.get("error") and r.get("times")]
+    ttft = [r["times"][0] - r["start"] for r in ok]
+    itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
+    return {"requests": len(results), "errors": len(results) - len(ok),
+            "statuses": sorted({r.get("status") for r in results}),
+            "tok_s": round(len(ok) * output_len / elapsed, 1),
+            "ttft_p50_ms": round(pct(ttft, 50) * 1000, 1) if ttft else None,
+            "ttft_p99_ms": round(pct(ttft, 99) * 1000, 1) if ttft else None,
+            "itl_p50_ms": round(pct(itl, 50) * 1000, 1) if itl else None,
+            "itl_p99_ms": round(pct(itl, 99) * 1000, 1) if itl else None}
+
+
+def prompts_for(tok, n: int, length: int) -> tuple[list[str], list[list[int]]]:
+    """n different prompts of exactly `length` tokens (by this tokenizer), as text and ids."""
+    words = ("the river city light garden morning paper window quiet stone music winter road friend story "
+             "market yellow ocean teacher summer").split()
+    texts, ids = [], []
+    for i in range(n):
+        text = " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(length * 2))
+        t = tok.encode(text, add_special_tokens=False).ids[:length]
+        ids.append(t)
+        texts.append(tok.decode(t))
+    return texts, ids
+
+
+def run(args) -> dict:
+    from export.default_model import fetch_default_gguf
+    from llm_backend.service import load_tokenizer
+    from stack.ports import free_port
+    from stack.triton import TritonServer
+
+    from bench.llama_server import BINARY, LlamaServer
+
+    sys.path.insert(0, str(ROOT / "tests" / "adapter"))
+    from adapter_testlib import AdapterProcess  # the real adapter as a process
+
+    repo = ROOT / "model_repository"
+    from stack.default_model import ensure_default_model
+    version = ensure_default_model(repo, name=MODEL) / "1"
+    tok = load_tokenizer(version)
+    levels = sorted(set(args.concurrency))
+    n = max(levels) * args.rounds + 8
+    texts, ids = prompts_for(tok, n, args.prompt_len)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args),
+                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                "load_average_before": os.getloadavg()}, "systems": {}}
+
+    def measure(name: str, make_send) -> None:
+        rows = []
+        for c in levels:
+            send = make_send()
+            asyncio.run(load(send, 1, 1, 0))  # warm-up
+            results, elapsed = asyncio.run(load(send, c, args.rounds, args.stagger))
+            row = {"concurrency": c, **summarize(results, elapsed, args.output_len)}
+            rows.append(row)
+            print(f"{name:22s} c={c:3d} {row['tok_s']:8.1f} tok/s  TTFT p50 {row['ttft_p50_ms']} ms  "
+                  f"errors {row['errors']} {row['statuses']}", flush=True)
+        report["systems"][name] = rows
+
+    def openai_sender(url: str, model: str):
+        http = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=max(levels) * 2))
+
+        async def send(i: int) -> dict:
+            return await openai_stream(http, url, model, texts[i % len(texts)], args.output_len)
+        return send
+
+    triton = TritonServer.on_free_ports(repo, log_path=tmp / "triton.log").start_ready(300)
+    try:
+        adapter = AdapterProcess(triton.grpc_url, triton.http_url, tmp / "adapter.log",
+                                 ADAPTER_ACCESS_LOG="false", ADAPTER_LOG_LEVEL="warning").start()
+        adapter.wait_ready(120)
+        try:
+            measure("ours, OpenAI API", lambda: openai_sender(adapter.url, MODEL))
+        finally:
+            adapter.stop()
+
+        def grpc_sender():
+            import tritonclient.grpc.aio as grpcclient
+            client = grpcclient.InferenceServerClient(triton.grpc_url)
+
+            async def send(i: int) -> dict:
+                return await grpc_stream(client, MODEL, ids[i % len(ids)], args.output_len)
+            return send
+        measure("ours, gRPC", grpc_sender)
+    finally:
+        triton.stop()
+
+    if BINARY.exists():
+        server = LlamaServer(fetch_default_gguf(), free_port(), os.cpu_count() or 2, max(levels),
+                             args.prompt_len + args.output_len + 64, tmp / "llama-server.log")
+        report["llama_server"] = {"command": " ".join(server.command[1:]).replace(str(fetch_default_gguf()),
+                                                                                  "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                                  "forced_off": "nothing"}
+        try:
+            measure("llama-server (C++)", lambda: openai_sender(server.url, MODEL))
+        finally:
+            server.stop()
+    else:
+        report["llama_server"] = {"missing": f"{BINARY} not built: python -m bench.llama_server build"}
+    if not args.no_transformers:
+        report["transformers"] = transformers_floor(ids, levels, args.output_len)
+    report["machine"]["load_average_after"] = os.getloadavg()
+    return report
+
+
+def transformers_floor(ids: list[list[int]], levels: list[int], output_len: int) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from export.default_model import fetch_default_model
+    model = AutoModelForCausalLM.from_pretrained(fetch_default_model(), dtype=torch.float32).eval()
+    rows = []
+    for c in levels:
+        batch = torch.tensor(ids[:c])
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=output_len,
+                           min_new_tokens=output_len, do_sample=False, pad_token_id=2)
+            dt = time.perf_counter() - t0
+        rows.append({"concurrency": c, "tok_s": round(c * output_len / dt, 1)})
+        print(f"{'transformers fp32':22s} c={c:3d} {rows[-1]['tok_s']:8.1f} tok/s", flush=True)
+    return rows
+
+
+def render(report: dict) -> str:
+    llama = {r["concurrency"]: r for r in report["systems"].get("llama-server (C++)", [])}
+    floor = {r["concurrency"]: r for r in report.get("transformers", [])}
+    lines = ["| system | concurrency | output tok/s | vs llama-server | vs transformers | TTFT p50 / p99 ms | "
+             "ITL p50 / p99 ms | errors |", "|---|---|---|---|---|---|---|---|"]
+    for name, rows in report["systems"].items():
+        for r in rows:
+            c = r["concurrency"]
+            vs_l = f"{r['tok_s'] / llama[c]['tok_s']:.3f}x" if c in llama and llama[c]["tok_s"] else ""
+            vs_t = f"{r['tok_s'] / floor[c]['tok_s']:.3f}x" if c in floor else ""
+            lines.append(f"| {name} | {c} | {r['tok_s']} | {vs_l} | {vs_t} | {r['ttft_p50_ms']} / {r['ttft_p99_ms']} | "
+                         f"{r['itl_p50_ms']} / {r['itl_p99_ms']} | {r['errors']} |")
+    for r in report.get("transformers", []):
+        lines.append(f"| transformers generate fp32, one batch | {r['concurrency']} | {r['tok_s']} | | 1.000x | | | |")
+    ls = report.get("llama_server", {})
+    lines.append("")
+    lines.append(f"llama-server: `{ls.get('command', ls.get('missing'))}`; forced off: {ls.get('forced_off', '-')}.")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in report["systems"].items():
+        cs = [r["concurrency"] for r in rows]
+        a.plot(cs, [r["tok_s"] for r in rows], marker="o", label=name)
+        b.plot(cs, [r["ttft_p50_ms"] for r in rows], marker="o", label=f"{name} p50")
+        b.plot(cs, [r["ttft_p99_ms"] for r in rows], marker="x", linestyle="--", label=f"{name} p99")
+    if report.get("transformers"):
+        rows = report["transformers"]
+        a.plot([r["concurrency"] for r in rows], [r["tok_s"] for r in rows], marker="s", label="transformers fp32")
+    for ax, title, unit in ((a, "aggregate output", "tokens/s"), (b, "time to first token", "ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    a.legend(fontsize=7)
+    b.legend(fontsize=6)
+    b.set_yscale("log")
+    fig.suptitle(f"bench.serving {report['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
+    ap.add_argument("--prompt-len", type=int, default=38)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2, help="requests per client")
+    ap.add_argument("--stagger", type=float, default=0.1, help="seconds between client starts")
+    ap.add_argument("--no-transformers", action="store_true")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    report = run(args)
+    table = render(report)
+    OUT.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (OUT / f"serving-{stamp}.json").write_text(json.dumps(report, indent=1, default=str))
+    (OUT / f"serving-{stamp}.md").write_text(f"# bench.serving {report['date']}\n\n{args.prompt_len} prompt tokens, "
+                                             f"{args.output_len} output tokens, greedy, streaming, clients staggered "
+                                             f"by {args.stagger} s, {args.rounds} requests each.\n\n{table}\n")
+    plot(report, OUT / f"serving-{stamp}.png")
+    print(table)
+    print(f"\nwritten: docs/bench-results/serving-{stamp}.json, .md, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
