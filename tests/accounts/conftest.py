@@ -14,13 +14,6 @@ import pytest
 
 os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())  # pgserver asks platformdirs for it
 
-if "adapter_testlib" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location(
-        "adapter_testlib", Path(__file__).parents[1] / "adapter" / "adapter_testlib.py")
-    _lib = importlib.util.module_from_spec(_spec)
-    sys.modules["adapter_testlib"] = _lib
-    _spec.loader.exec_module(_lib)
-
 _spec2 = importlib.util.spec_from_file_location("accounts_testlib", Path(__file__).with_name("accounts_testlib.py"))
 _lib2 = importlib.util.module_from_spec(_spec2)
 sys.modules["accounts_testlib"] = _lib2

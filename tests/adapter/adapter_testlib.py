@@ -145,6 +145,12 @@ class AdapterProcess:
                 self.proc.kill()
                 self.proc.wait()
 
+    def kill(self) -> None:
+        """SIGKILL: the process has no chance to settle anything (crash tests)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
 
 def start_triton(repo: Path, log_path: Path, extra_backends: dict[str, Path] | None = None):
     """A started, ready TritonServer on free ports (shows its log if it dies)."""
