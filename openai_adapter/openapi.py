@@ -78,7 +78,8 @@ COMPLETIONS = {200: {"description": "A completion, or its chunks as server-sent 
                                  **_SSE}},
                **errors(400, 401, 404, 408, 413, 429, 500, 503, 504)}
 MODELS = {200: {"description": "The models this key may use"}, **errors(401, 500, 503)}
-MODEL = {200: {"description": "One model"}, **errors(401, 404, 500, 503)}
+# 400: a malformed version pin (`NAME@x`).
+MODEL = {200: {"description": "One model"}, **errors(400, 401, 404, 500, 503)}
 READY = {200: {"description": "Every model is ready and generated recently"},
          503: {"model": ErrorResponse, "description": "Not ready (details per model), or shutting down",
                "headers": _RETRY_AFTER}}

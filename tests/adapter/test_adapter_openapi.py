@@ -86,6 +86,16 @@ async def test_trailing_slash_is_the_same_answer_not_a_redirect():
         assert r.status_code == 200 and r.json()["object"] == "chat.completion"
 
 
+async def test_a_malformed_version_pin_is_a_documented_400():
+    # Found by schemathesis in the reliability suite: GET /v1/models/NAME@x answered an
+    # undocumented 400.
+    async with app_client() as (http, _):
+        doc = (await http.get("/openapi.json")).json()
+        r = await http.get("/v1/models/fake@latest")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+        assert _ref(doc["paths"]["/v1/models/{model_id}"]["get"]["responses"]["400"]) == ERROR_REF
+
+
 async def test_errors_are_json_also_on_text_routes():
     doc = await _doc()
     for status in ("401", "503"):
