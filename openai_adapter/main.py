@@ -10,6 +10,7 @@ import uvicorn
 
 from .app import create_app
 from .drain import margin_s
+from .http11 import OpenAIH11Protocol
 from .settings import Settings
 
 log = logging.getLogger("openai_adapter")
@@ -82,13 +83,18 @@ class _Server(uvicorn.Server):
             log.log(level, msg, *args)
 
 
+def uvicorn_config(settings: Settings, app) -> uvicorn.Config:
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                          # What uvicorn's own shutdown may still wait for requests: the drain
+                          # has given them the grace period already, less this margin.
+                          timeout_graceful_shutdown=margin_s(settings.shutdown_grace_s),
+                          access_log=settings.access_log, lifespan="on",
+                          http=OpenAIH11Protocol)  # its own 400s in the OpenAI body too
+
+
 def serve(settings: Settings, app) -> int:
     """Run `app` under uvicorn until a signal and its drain; the process's exit code."""
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            # What uvicorn's own shutdown may still wait for requests: the drain
-                            # has given them the grace period already, less this margin.
-                            timeout_graceful_shutdown=margin_s(settings.shutdown_grace_s),
-                            access_log=settings.access_log, lifespan="on")
+    config = uvicorn_config(settings, app)
     server = _Server(config, app)
     server.run()
     if server.forced_by is not None:
