@@ -3,7 +3,7 @@
     python -m bench.engine [--precision w8a8 int4] [--concurrency 1 4 16 64]
 
 For each export precision it starts tritonserver on the default model, drives it over
-gRPC streams (llm_backend.client, async) at each concurrency with fixed prompt and
+gRPC streams (bench/llm_client.py, async) at each concurrency with fixed prompt and
 output lengths (distinct prompts of --prompt-len tokens sent as input_ids, greedy,
 ignore_eos, --output-len new tokens), clients starting staggered, each sending --rounds
 requests one after the other (closed loop, like perf_analyzer's concurrency mode), and measures:
@@ -68,7 +68,7 @@ async def drive(url: str, model: str, prompts: list[list[int]], concurrency: int
     """(results, seconds): `requests` requests from `concurrency` closed-loop clients."""
     import tritonclient.grpc.aio as grpcclient
 
-    from llm_backend.client import generate
+    from bench.llm_client import generate
 
     client = grpcclient.InferenceServerClient(url)
     queue = list(range(requests))
@@ -146,7 +146,7 @@ async def prefix_probe(url: str, model: str, tok) -> dict:
     """TTFT of a new ~100-token prompt at one stream, then of the same prompt again."""
     import tritonclient.grpc.aio as grpcclient
 
-    from llm_backend.client import generate
+    from bench.llm_client import generate
 
     client = grpcclient.InferenceServerClient(url)
     system = ("You are a meticulous assistant for a shipping company. Answer in two sentences, cite the "

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc.aio as grpcclient
 
-from llm_backend.client import generate
+from bench.llm_client import generate
 from llm_backend.model_config import EngineParams, render_config_pbtxt
 from stack.default_model import DEFAULT_PRECISION, ensure_default_model
 from stack.triton import TritonServer

@@ -1,7 +1,9 @@
-"""A small async gRPC client for the `llm` model's tensor interface (tests, bench).
+"""A small async gRPC client for the `llm` model's tensor interface (bench, tests).
 
-The OpenAI adapter has its own client; this one exists so the backend's tests and
-benchmark drive tritonserver exactly as tools speaking the TensorRT-LLM-style schema do.
+The OpenAI adapter has its own client; this one exists so the benchmark and the
+backend's end-to-end tests drive tritonserver exactly as tools speaking the
+TensorRT-LLM-style schema do. It lives outside `llm_backend/`, which ships in the
+serving image and has no use for it.
 """
 
 from __future__ import annotations
