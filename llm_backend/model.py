@@ -12,7 +12,7 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from llm_backend.engine import ModelLoadError
+from llm_backend.decoder import ModelLoadError
 from llm_backend.error_kinds import CANCELLED, INTERNAL, TRITON_CODES, RequestError, prefixed
 from llm_backend.metrics import TritonMetrics
 from llm_backend.model_config import EngineParams

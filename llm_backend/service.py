@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .engine import Decoder, DecoderSpec, ModelLoadError, cpu_count
+from .decoder import Decoder, DecoderSpec, ModelLoadError, cpu_count
 from .model_config import EngineParams
 from .prefix_cache import PrefixCache
 from .preprocess import max_chars_per_token

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from llm_backend.detokenizer import IncrementalDetokenizer, StopStringBuffer
-from llm_backend.engine import int8_gemm_is_exact
+from llm_backend.decoder import int8_gemm_is_exact
 from llm_backend.prefix_cache import PrefixCache
 from llm_backend.protocol import ResponseSink, parse_request
 from llm_backend.sampling import Sampler, SamplingParams
@@ -609,7 +609,7 @@ def test_non_streaming_sink_sends_one_final_response():
 
 
 def test_missing_or_corrupt_artifacts_fail_the_load_clearly(tmp_path):
-    from llm_backend.engine import ModelLoadError
+    from llm_backend.decoder import ModelLoadError
     from llm_backend.model_config import EngineParams
     from llm_backend.service import load_engine
 
@@ -624,7 +624,7 @@ def test_missing_or_corrupt_artifacts_fail_the_load_clearly(tmp_path):
 
 
 def test_kv_budget_in_slots():
-    from llm_backend.engine import ModelLoadError
+    from llm_backend.decoder import ModelLoadError
     from llm_backend.model_config import EngineParams
     from llm_backend.service import kv_slots
 
@@ -641,7 +641,7 @@ def test_prompt_logits_do_not_depend_on_how_the_prompt_was_split(tmp_path):
     the int8-activation decode graph while a whole prompt ran in the fp32 prefill graph:
     logits differed by up to 0.8, so the same seeded request sampled other text once its
     prompt was cached, and greedy output could change."""
-    from llm_backend.engine import Decoder
+    from llm_backend.decoder import Decoder
     from stack.default_model import ensure_default_model
 
     version = ensure_default_model(tmp_path / "repo", precision="int4") / "1"
@@ -662,7 +662,7 @@ def test_w8a8_rows_are_bit_identical_alone_batched_or_split(tmp_path):
     was split: seeded and greedy requests give the same text under any load."""
     import onnx
 
-    from llm_backend.engine import Decoder, prepare_graph
+    from llm_backend.decoder import Decoder, prepare_graph
     from stack.default_model import ensure_default_model
 
     version = ensure_default_model(tmp_path / "repo", precision="w8a8") / "1"
@@ -687,7 +687,7 @@ def test_w8a8_rows_are_bit_identical_alone_batched_or_split(tmp_path):
 def test_logits_of_any_shape_through_a_kept_binding(tmp_path, monkeypatch):
     """Without the last-position slice (a graph whose head was not found) every prefill
     returns logits of its own length through the same kept io_binding."""
-    import llm_backend.engine as engine
+    import llm_backend.decoder as engine
     from stack.default_model import ensure_default_model
 
     version = ensure_default_model(tmp_path / "repo") / "1"
