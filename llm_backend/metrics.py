@@ -1,10 +1,33 @@
-"""Custom Triton metrics (pb_utils.MetricFamily), shown on Triton's metrics port.
-
-The scheduler calls the plain `Metrics` protocol of scheduler.py; this module maps it to
-Triton metric families. `pb_utils` is passed in, so the module imports without Triton.
+"""The engine's metrics: the plain `Metrics` protocol the output processor calls, and
+`TritonMetrics`, which maps it to Triton metric families (pb_utils.MetricFamily, shown
+on Triton's metrics port). `pb_utils` is passed in, so the module imports without Triton.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
+
+
+class Metrics(Protocol):
+    """Generated tokens are those of num_output_tokens: an EOS that ends a sequence is
+    not one (nor is the wait for it an inter-token latency)."""
+
+    def state(self, waiting: int, running: int, kv_usage: float) -> None: ...
+
+    def first_token(self, seconds: float, prompt_tokens: int, generated: int) -> None: ...
+
+    def tokens(self, n: int, inter_token_seconds: list[float]) -> None: ...
+
+
+class NullMetrics:
+    def state(self, waiting, running, kv_usage):
+        pass
+
+    def first_token(self, seconds, prompt_tokens, generated):
+        pass
+
+    def tokens(self, n, inter_token_seconds):
+        pass
 
 TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0]
 ITL_BUCKETS = [0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5]

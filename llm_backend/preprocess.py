@@ -3,14 +3,14 @@
 Triton's execute() thread only reads the tensors (`protocol.parse_request`) and makes
 the checks that need no tokenizer: the prompt's size against what the context can hold
 (characters for text, ids for `input_ids`) and the queue bound (a place reserved in
-the scheduler). A small pool of worker threads then tokenizes and hands the ids to the
-scheduler's inbox; the engine thread never waits on it.
+the scheduler). A small pool of worker threads then tokenizes and adds the request to
+the engine (`EngineCore.add_request`); the engine thread never waits on it.
 
 Why a pool and these tokenizer calls: `tokenizers`' `encode()` and `decode()` hold the
-GIL for the whole call. A 3.8 MB prompt took ~2 s to encode, in which no other thread of
-the stub ran: every stream stopped, and requests behind it in execute() waited too.
-`encode_batch_fast` and `decode_batch` release the GIL while they work (measured: the
-other threads ran on), so a worker tokenizing costs only its own request.
+GIL for the whole call, so a multi-megabyte prompt stopped every stream of the stub
+while it was encoded. `encode_batch_fast` and `decode_batch` release the GIL while they
+work, so a worker tokenizing costs only its own request (measured: docs/engine.md,
+"Tokenizing off the engine loop").
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from .error_kinds import CANCELLED, CONTEXT, INTERNAL, OVER_CAPACITY, RequestError
+from .request import sink_cancelled, token_budget
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,7 @@ _KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "UnicodeScripts",
 
 # A request whose prompt had at least this many characters is followed by a malloc_trim:
 # the tokenizer's buffers for it are megabytes, allocated in the worker thread's glibc
-# arena, which kept them after they were freed (8 prompts of 150k characters left the
-# stub 35 MB larger for good; with the trim it returned to its level).
+# arena, which kept them after they were freed (the stub's memory grew for good).
 TRIM_AFTER_CHARS = 1 << 16
 
 
@@ -113,7 +113,7 @@ _trimming = threading.Lock()
 
 def _malloc_trim() -> None:
     """Give the freed memory of glibc's arenas back to the OS (one trim at a time; it
-    took 15-25 ms on a fragmented 300 MB heap here, with the GIL released)."""
+    releases the GIL)."""
     if not _trimming.acquire(blocking=False):
         return
     try:
@@ -124,26 +124,20 @@ def _malloc_trim() -> None:
         _trimming.release()
 
 
-def _cancelled(sink) -> bool:
-    try:
-        return bool(sink.is_cancelled())
-    except Exception:            # a sender that cannot answer is as good as gone
-        return True
-
-
 class Preprocessor:
-    """Tokenizes requests on `workers` threads and submits them to the scheduler.
+    """Tokenizes requests on `workers` threads and adds them to the engine.
 
     Every request handed to `submit` ends with exactly one of: refused at once
-    (RequestError for the caller), failed by a worker through its sink (with the
-    scheduler's `emit`, so by the responder thread when there is one), or queued in the
-    scheduler, which then owns its end.
+    (RequestError for the caller), failed by a worker through its sink (sent by the
+    outbox, responder.py), or queued in the engine, which then owns its end.
     """
 
-    def __init__(self, scheduler, tokenizer, *, chars_per_token: int | None, workers: int = 2):
-        self.sched = scheduler
+    def __init__(self, core, tokenizer, outbox, *, chars_per_token: int | None, workers: int = 2):
+        self.core = core                   # engine_core.EngineCore
+        self.sched = core.scheduler        # the queue places: reserve / release
+        self.send = outbox.send
         self.tok = tokenizer
-        self.max_chars = None if chars_per_token is None else scheduler.max_model_len * chars_per_token
+        self.max_chars = None if chars_per_token is None else core.max_model_len * chars_per_token
         self.chars_per_token = chars_per_token
         self.closed = False
         self._busy = 0                     # accepted, not yet queued in the scheduler or failed
@@ -156,9 +150,9 @@ class Preprocessor:
 
     def check_size(self, req) -> None:
         """Refuse, before any tokenizing, a prompt that cannot fit the context."""
-        limit = self.sched.max_model_len
+        limit = self.core.max_model_len
         if req.ids is not None:
-            self.sched.check_length(len(req.ids), req.params.max_tokens)
+            token_budget(len(req.ids), req.params.max_tokens, limit)
         elif self.max_chars is not None and len(req.text) > self.max_chars:
             raise RequestError(CONTEXT, f"this model's maximum context length is {limit} tokens, but the prompt "
                                         f"has {len(req.text)} characters, more than the {self.max_chars} that "
@@ -183,15 +177,15 @@ class Preprocessor:
         try:
             prompt = self._tokenize(req, sink)
             if prompt is None:
-                self.sched.emit(sink.fail, CANCELLED, "the request was cancelled by the client")
+                self.send(sink.fail, CANCELLED, "the request was cancelled by the client")
             else:
-                self.sched.submit(prompt, req.params, sink, reserved=True)
+                self.core.add_request(prompt, req.params, sink, reserved=True)
                 queued = True
         except RequestError as err:
-            self.sched.emit(sink.fail, err.kind, err.message)
+            self.send(sink.fail, err.kind, err.message)
         except Exception as err:
             log.exception("preparing a request failed")
-            self.sched.emit(sink.fail, INTERNAL, f"the prompt could not be tokenized: {err}")
+            self.send(sink.fail, INTERNAL, f"the prompt could not be tokenized: {err}")
         finally:
             if not queued:
                 self.sched.release()
@@ -205,7 +199,7 @@ class Preprocessor:
         """The prompt's ids, or None when the client left while it waited or was tokenized."""
         if self.closed:
             raise RequestError(INTERNAL, "the model was unloaded before the request finished")
-        if _cancelled(sink):
+        if sink_cancelled(sink):
             return None
         if req.ids is not None:
             prompt = req.ids.tolist()
@@ -215,11 +209,11 @@ class Preprocessor:
             prompt = encode(self.tok, req.text) if req.text else []
             if req.echo:
                 req.prompt_text = req.text
-        return None if _cancelled(sink) else prompt
+        return None if sink_cancelled(sink) else prompt
 
     def close(self) -> None:
         """Stop accepting; wait for the requests being tokenized (they queue in the
-        scheduler or fail)."""
+        engine or fail)."""
         with self._lock:
             self.closed = True
         self._pool.shutdown(wait=True)

@@ -2,8 +2,8 @@
 
 `parse_request` reads a request's inputs (a `get(name) -> numpy array | None`) into the
 prompt (text or ids, not yet tokenized: that happens off Triton's and the engine's
-threads, preprocess.py) and SamplingParams; `ResponseSink` turns the scheduler's text
-pieces into the responses the interface promises (streaming: one per piece with the
+threads, preprocess.py) and SamplingParams; `ResponseSink` turns the output processor's
+text pieces into the responses the interface promises (streaming: one per piece with the
 token counts so far, then an empty final; otherwise one with the whole text). model.py
 supplies the Triton side of both.
 """
@@ -17,7 +17,7 @@ import numpy as np
 
 from .error_kinds import INVALID, RequestError
 from .sampling import SamplingParams
-from .scheduler import check_token_ids
+from .request import check_token_ids
 
 
 @dataclass
@@ -121,7 +121,7 @@ def _text_tensor(text: str) -> np.ndarray:
 
 
 class ResponseSink:
-    """The scheduler's Sink for one request."""
+    """A request's Sink (request.py): what the engine sends it becomes Triton responses."""
 
     def __init__(self, sender: Sender, req: ParsedRequest):
         self.sender = sender

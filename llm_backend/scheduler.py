@@ -1,192 +1,75 @@
-"""Continuous batching over the decoder's KV slots.
+"""What runs each step, over token ids: the admission queue, who gets a KV slot next,
+how many prompt tokens are computed per step, and when a request is done.
 
-One engine thread runs `step()` in a loop. Each step:
+Continuous batching with chunked prefill. Each step the engine (engine_core.py) asks:
 
-1. drops cancelled requests (waiting or running), freeing their slots;
-2. prefills newcomers, at most `prefill_chunk` prompt tokens per step, one sequence at
-   a time in arrival order, after copying any cached prefix into its slot; a long
-   prompt is split over several steps so running streams keep decoding;
-3. decodes every running sequence together in one call;
-4. samples, detokenizes, applies stop strings, hands text to each request's sink, and
-   lets finished sequences leave.
+1. `drop_cancelled`: requests whose client left go, their slots free at once;
+2. `next_prefill`, until the step's budget of `prefill_chunk` prompt tokens is spent:
+   the request being prefilled continues, or the next waiting request gets a slot
+   (`_pick_next`: first come, first served). One request is prefilled at a time; a long
+   prompt is split over several steps, so running streams wait at most one bounded
+   prefill per token;
+3. `decoding`: every request holding a decoding row, for one decode call together;
+4. `append_token` for each sampled token: EOS and the length limits end a request.
 
-Rows: decoding sequences occupy rows [0, d) of the KV buffer, the sequence being
-prefilled row d. A departure moves the last decoding row into the hole (one copy per
-departure, not per step). Importable and testable without Triton.
+Change how the next request is picked in `_pick_next`. Where a request's KV lives is
+kv_cache_manager.py's business; text, stop strings and sending are output_processor.py's.
 """
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
-import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
-
-from .detokenizer import IncrementalDetokenizer, StopStringBuffer
-from .error_kinds import CANCELLED, CONTEXT, INTERNAL, INVALID, OVER_CAPACITY, RequestError
-from .prefix_cache import PrefixCache
-from .sampling import Sampler, SamplingParams
-
-if TYPE_CHECKING:
-    from .runtime import Responder
-
-log = logging.getLogger(__name__)
-
-def check_token_ids(ids, vocab_size: int) -> None:
-    """Raises invalid_request for an id outside the model's vocabulary (a list or an array)."""
-    arr = np.asarray(ids, dtype=np.int64).reshape(-1)
-    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
-    if bad.size:
-        i = int(bad[0])
-        raise RequestError(INVALID, f"input_ids[{i}] is {int(arr[i])}: token ids must be in [0, {vocab_size}), "
-                                    f"the vocabulary size is {vocab_size}")
-
-
-class Sink(Protocol):
-    """Where a request's output goes (model.py: a Triton response sender)."""
-
-    def is_cancelled(self) -> bool: ...
-
-    def piece(self, text: str, logprobs: list[float], num_input_tokens: int,
-              num_output_tokens: int) -> None: ...   # output tokens so far, this piece's included
-
-    def finish(self, text: str, logprobs: list[float], finish_reason: str,
-               num_input_tokens: int, num_output_tokens: int) -> None: ...
-
-    def fail(self, kind: str, message: str) -> None: ...
-
-
-class Metrics(Protocol):
-    """Generated tokens are those of num_output_tokens: an EOS that ends a sequence is
-    not one (nor is the wait for it an inter-token latency)."""
-
-    def state(self, waiting: int, running: int, kv_usage: float) -> None: ...
-
-    def first_token(self, seconds: float, prompt_tokens: int, generated: int) -> None: ...
-
-    def tokens(self, n: int, inter_token_seconds: list[float]) -> None: ...
-
-
-class NullMetrics:
-    def state(self, waiting, running, kv_usage):
-        pass
-
-    def first_token(self, seconds, prompt_tokens, generated):
-        pass
-
-    def tokens(self, n, inter_token_seconds):
-        pass
-
-
-@dataclass
-class Sequence:
-    prompt: list[int]
-    params: SamplingParams
-    sink: Sink
-    max_tokens: int
-    sampler: Sampler
-    detok: IncrementalDetokenizer
-    stops: StopStringBuffer
-    arrival: float = field(default_factory=time.monotonic)
-    computed: int = 0                    # KV positions filled
-    output: list[int] = field(default_factory=list)
-    next_token: int = -1                 # sampled, not yet in the KV cache
-    last_time: float = 0.0
-    logprobs: list[float] = field(default_factory=list)
-    finish_reason: str = ""
-    tail: str = ""                       # text released by the finishing token
-    cancelled: bool = False              # set by the Responder's poll
+from .error_kinds import OVER_CAPACITY, RequestError
+from .kv_cache_manager import KVCacheManager
+from .request import Request, RequestStatus
 
 
 class Scheduler:
-    """Owns the decoder; `submit` may be called from any thread, `step` from one."""
+    """`reserve`, `release` and `add_request` may be called from any thread; the rest
+    from the engine thread."""
 
-    def __init__(self, decoder, tokenizer, *, max_model_len: int, max_queue_size: int,
-                 prefill_chunk: int, prefix_cache: PrefixCache | None = None,
-                 metrics: Metrics | None = None, eos_token_ids: list[int] | None = None):
-        self.dec = decoder
-        self.tok = tokenizer
+    def __init__(self, kv: KVCacheManager, *, max_model_len: int, max_queue_size: int,
+                 prefill_chunk: int, eos_token_ids: list[int]):
+        self.kv = kv
         self.max_model_len = max_model_len
         self.max_queue_size = max_queue_size
         self.prefill_chunk = max(1, prefill_chunk)
-        self.cache = prefix_cache or PrefixCache(0)
-        self.metrics = metrics or NullMetrics()
-        self.eos = set(eos_token_ids if eos_token_ids is not None else decoder.spec.eos_token_ids)
-        self.vocab = decoder.spec.vocab_size
-        self.inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
-        self.waiting: deque[Sequence] = deque()
-        self.rows: list[Sequence] = []          # decoding, row i = rows[i]
-        self.prefilling: Sequence | None = None  # at row len(self.rows)
+        self.eos = frozenset(eos_token_ids)
+        self.inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()   # from other threads
+        self.waiting: deque[Request] = deque()
         self._lock = threading.Lock()
-        self._pending = 0                        # submitted, not yet in a slot
-        self._last_state = None
-        # Sending and cancellation checks: inline by default (tests); EngineThread hands
-        # them to a Responder thread so the IPC to Triton overlaps the next model call.
-        self.emit = self._safe
-        self.responder: Responder | None = None  # runtime.Responder
-        # where the engine's time goes (logged when it turns idle): seconds, counts
-        self.stats = {"steps": 0, "step_s": 0.0, "prefill_s": 0.0, "prefill_tokens": 0,
-                      "decode_s": 0.0, "decode_tokens": 0}
+        self._pending = 0      # places taken in the queue: reserved, queued, waiting; not yet in a slot
 
     # -- admission (any thread) -------------------------------------------------------------
     def reserve(self) -> None:
         """Hold a place for a request that is still being tokenized, so the queue bound
         covers it too: raises over_capacity when `max_queue_size` requests already wait
         beyond the free slots. Each reserve is followed by exactly one
-        `submit(..., reserved=True)` (which keeps or gives back the place) or `release()`."""
+        `add_request(..., reserved=True)` (which keeps the place) or `release()`."""
         with self._lock:
-            if self._pending >= self.max_queue_size + self.free_rows():
+            if self._pending >= self.max_queue_size + self.kv.free_slots():
                 raise RequestError(OVER_CAPACITY, f"{self._pending} requests are waiting "
                                                   f"(max_queue_size {self.max_queue_size}); retry later")
             self._pending += 1
 
-    def release(self) -> None:
+    def release(self, n: int = 1) -> None:
         with self._lock:
-            self._pending -= 1
+            self._pending -= n
 
-    def check_length(self, n: int, max_tokens: int | None) -> int:
-        """The completion's token budget for an `n`-token prompt; raises
-        context_length_exceeded with both numbers when it does not fit."""
-        limit = self.max_model_len
-        if max_tokens is None:
-            if n >= limit:
-                raise RequestError(CONTEXT, f"this model's maximum context length is {limit} tokens, "
-                                            f"but the prompt has {n} tokens")
-            return limit - n
-        if n + max_tokens > limit:
-            raise RequestError(CONTEXT, f"this model's maximum context length is {limit} tokens, "
-                                        f"but {n + max_tokens} were requested ({n} in the prompt, "
-                                        f"{max_tokens} for the completion)")
-        return max_tokens
-
-    def submit(self, prompt: list[int], params: SamplingParams, sink: Sink, *, reserved: bool = False) -> None:
-        """Validate and queue; raises RequestError for the caller to report. `reserved`:
-        the caller took the place with `reserve()` (and gives it back if this raises)."""
-        n = len(prompt)
-        if n == 0:
-            raise RequestError(INVALID, "the prompt is empty (text_input or input_ids)")
-        max_tokens = self.check_length(n, params.max_tokens)   # first: cheap for any length
-        check_token_ids(prompt, self.vocab)
-        seq = Sequence(prompt=list(prompt), params=params, sink=sink, max_tokens=max_tokens,
-                       sampler=Sampler(params, self.vocab),
-                       detok=IncrementalDetokenizer(self.tok, prompt),
-                       stops=StopStringBuffer(params.stop))
+    def add_request(self, req: Request, *, reserved: bool = False) -> None:
+        """Queue a validated request; raises over_capacity when the queue is full.
+        `reserved`: the caller took the place with `reserve()`."""
         if not reserved:
             self.reserve()
-        self.inbox.put(seq)
+        self.inbox.put(req)
 
-    def free_rows(self) -> int:
-        return self.dec.num_slots - len(self.rows) - (self.prefilling is not None)
-
-    # -- the engine loop (one thread) ----------------------------------------------------------
+    # -- the engine thread ------------------------------------------------------------------
     @property
     def idle(self) -> bool:
-        return not self.rows and self.prefilling is None and not self.waiting and self.inbox.empty()
+        return not self.kv.decoding and self.kv.prefilling is None and not self.waiting and self.inbox.empty()
 
     def wait_for_work(self, timeout: float) -> None:
         if self.idle:
@@ -195,213 +78,119 @@ class Scheduler:
             except queue.Empty:
                 pass
 
-    def step(self) -> None:
-        t0 = time.perf_counter()
-        self._step()
-        self.stats["steps"] += 1
-        self.stats["step_s"] += time.perf_counter() - t0
-        if self.idle and self.stats["steps"]:
-            st = self.stats
-            log.info("engine busy period: %d steps %.2fs (prefill %d tokens %.2fs, decode %d tokens %.2fs, "
-                     "other %.2fs)", st["steps"], st["step_s"], st["prefill_tokens"], st["prefill_s"],
-                     st["decode_tokens"], st["decode_s"], st["step_s"] - st["prefill_s"] - st["decode_s"])
-            for k in st:
-                st[k] = 0 if isinstance(st[k], int) else 0.0
-
-    def _step(self) -> None:
-        self.step_inbox_drain()
-        self._drop_cancelled()
-        self._prefill()
-        self._decode()
-        self._report_state()
-        if self.responder is not None:
-            self.responder.request_poll(self._in_flight())
-
-    def _in_flight(self) -> list:
-        """Every admitted sequence: waiting, being prefilled, decoding."""
-        return list(self.waiting) + self.rows + ([self.prefilling] if self.prefilling else [])
-
-    def abort_all(self, kind: str, message: str) -> None:
-        """Fail everything in flight (unload)."""
-        self.step_inbox_drain()
-        for seq in self._in_flight():
-            self.emit(seq.sink.fail, kind, message)
-        with self._lock:
-            self._pending -= len(self.waiting)
-        self.waiting.clear()
-        self.rows.clear()
-        self.prefilling = None
-        self._report_state()   # the engine goes idle: no step would set the gauges to 0
-
-    def step_inbox_drain(self) -> None:
+    def drain_inbox(self) -> None:
         while True:
             try:
                 self.waiting.append(self.inbox.get_nowait())
             except queue.Empty:
                 return
 
-    # -- pieces of a step ------------------------------------------------------------------------
-    def _drop_cancelled(self) -> None:
-        keep = deque()
-        for seq in self.waiting:
-            if self._cancelled(seq):
-                with self._lock:
-                    self._pending -= 1
-            else:
-                keep.append(seq)
-        self.waiting = keep
-        if self.prefilling is not None and self._cancelled(self.prefilling):
-            self.prefilling = None
-        gone = [i for i, seq in enumerate(self.rows) if self._cancelled(seq)]
-        self._remove_rows(gone)
+    def drop_cancelled(self) -> list[Request]:
+        """Requests whose client left (flagged by the responder's poll): out of the queue
+        or their slots, FINISHED_CANCELLED. The caller tells their clients."""
+        gone = [r for r in self.waiting if r.cancelled]
+        if gone:
+            self.waiting = deque(r for r in self.waiting if not r.cancelled)
+            self.release(len(gone))
+        kv = self.kv
+        if kv.prefilling is not None and kv.prefilling.cancelled:
+            gone.append(kv.prefilling)
+            kv.release_prefill()
+        rows = [i for i, r in enumerate(kv.decoding) if r.cancelled]
+        if rows:
+            gone += [kv.decoding[i] for i in rows]
+            kv.free(rows)
+        for r in gone:
+            r.status = RequestStatus.FINISHED_CANCELLED
+        return gone
 
-    def _cancelled(self, seq: Sequence) -> bool:
-        if self.responder is None:
-            seq.cancelled = seq.cancelled or _ask_cancelled(seq)
-        if seq.cancelled:
-            self.emit(seq.sink.fail, CANCELLED, "the request was cancelled by the client")
-        return seq.cancelled
+    def _pick_next(self) -> Request | None:
+        """The waiting request that gets the next free slot: the oldest."""
+        return self.waiting.popleft() if self.waiting else None
 
-    def _prefill(self) -> None:
-        budget = self.prefill_chunk
-        while budget > 0:
-            if self.prefilling is None:
-                if not self.waiting or self.free_rows() < 1:
-                    return
-                seq = self.waiting.popleft()
-                with self._lock:
-                    self._pending -= 1
-                self.prefilling = seq
-                row = len(self.rows)
-                for i, kv in enumerate(self.cache.lookup(seq.prompt)):
-                    self.dec.write_rows(row, i * self.cache.block, kv)
-                    seq.computed += kv.shape[3]
-            seq, row = self.prefilling, len(self.rows)
-            chunk = seq.prompt[seq.computed:seq.computed + budget]
-            try:
-                t0 = time.perf_counter()
-                logits = self.dec.prefill(row, chunk, seq.computed)
-                self.stats["prefill_s"] += time.perf_counter() - t0
-                self.stats["prefill_tokens"] += len(chunk)
-            except Exception as err:
-                log.exception("prefill failed")
-                self.prefilling = None
-                self.emit(seq.sink.fail, INTERNAL, f"prefill failed: {err}")
-                continue
-            seq.computed += len(chunk)
-            budget -= len(chunk)
-            if seq.computed < len(seq.prompt):
-                continue
-            self.prefilling = None
-            self._cache_prompt(seq, row)
-            now = time.monotonic()
-            seq.last_time = now
-            done = self._accept(seq, logits)
-            self.emit(self.metrics.first_token, now - seq.arrival, len(seq.prompt), len(seq.output))
-            if done:
-                self._finish_after_step(seq)
-            else:
-                self.rows.append(seq)
+    def next_prefill(self, budget: int) -> tuple[Request, list[int]] | None:
+        """The next prompt tokens to compute, at most `budget`, and their request (in
+        the KV manager's prefill row); None when there is nothing to prefill or no slot."""
+        if budget <= 0:
+            return None
+        req = self.kv.prefilling
+        if req is None:
+            if self.kv.free_slots() < 1:
+                return None
+            req = self._pick_next()
+            if req is None:
+                return None
+            self.release()
+            req.status = RequestStatus.PREFILLING
+            self.kv.allocate(req)
+        return req, req.prompt[req.num_computed:req.num_computed + budget]
 
-    def _cache_prompt(self, seq: Sequence, row: int) -> None:
-        b = self.cache.block
-        self.cache.store(seq.prompt, lambda i: self.dec.read_rows(row, i * b, (i + 1) * b))
-
-    def _decode(self) -> None:
-        if not self.rows:
-            return
-        tokens = np.array([s.next_token for s in self.rows], dtype=np.int64)
-        lengths = np.array([s.computed for s in self.rows], dtype=np.int64)
-        try:
-            t0 = time.perf_counter()
-            logits = self.dec.decode(tokens, lengths)
-            self.stats["decode_s"] += time.perf_counter() - t0
-            self.stats["decode_tokens"] += len(tokens)
-        except Exception as err:
-            log.exception("decode failed")
-            for seq in self.rows:
-                self.emit(seq.sink.fail, INTERNAL, f"decode failed: {err}")
-            self.rows.clear()
-            if self.prefilling is not None:   # its partial KV is at row 0 now in spirit: restart it
-                self.prefilling.computed = 0
-            return
-        now = time.monotonic()
-        done, gaps = [], []
-        for i, seq in enumerate(self.rows):
-            seq.computed += 1
-            gap, seq.last_time = now - seq.last_time, now
-            generated = len(seq.output)
-            if self._accept(seq, logits[i]):
-                done.append(i)
-            if len(seq.output) > generated:
-                gaps.append(gap)
-        if gaps:
-            self.emit(self.metrics.tokens, len(gaps), gaps)
-        for i in done:
-            self._finish_after_step(self.rows[i])
-        self._remove_rows(done)
-
-    def _accept(self, seq: Sequence, logits: np.ndarray) -> bool:
-        """Sample one token for `seq` and send its text; True when the sequence is done."""
-        token, lp = seq.sampler(logits)
-        seq.next_token = token
-        if token in self.eos and not seq.params.ignore_eos:
-            seq.finish_reason = "stop"
-            return True
-        seq.output.append(token)
-        if lp is not None:
-            seq.logprobs.append(lp)
-        text = seq.stops.push(seq.detok.push(token))
-        if seq.stops.stopped:
-            seq.finish_reason, seq.tail = "stop", text
-            return True
-        if len(seq.output) >= seq.max_tokens or len(seq.prompt) + len(seq.output) >= self.max_model_len:
-            seq.finish_reason = "length"
-            seq.tail = text
-            return True
-        if text:
-            lps, seq.logprobs = seq.logprobs, []
-            self.emit(seq.sink.piece, text, lps, len(seq.prompt), len(seq.output))
-        return False
-
-    def _finish_after_step(self, seq: Sequence) -> None:
-        tail = seq.tail
-        if not seq.stops.stopped:
-            tail += seq.stops.push(seq.detok.flush())
-            tail += seq.stops.flush()
-        self.emit(seq.sink.finish, tail, seq.logprobs, seq.finish_reason,
-                   len(seq.prompt), len(seq.output))
-
-    def _remove_rows(self, indices: list[int]) -> None:
-        for i in sorted(indices, reverse=True):
-            last = len(self.rows) - 1
-            if i != last:
-                moved = self.rows[last]
-                self.dec.move_row(last, i, moved.computed)
-                self.rows[i] = moved
-            self.rows.pop()
-            if self.prefilling is not None:   # keep it right after the decoding rows
-                self.dec.move_row(last + 1, last, self.prefilling.computed)
-
-    def _report_state(self) -> None:
-        running = len(self.rows) + (self.prefilling is not None)
-        used = sum(s.computed for s in self.rows) + (self.prefilling.computed if self.prefilling else 0)
-        state = (len(self.waiting) + self.inbox.qsize(), running,
-                 round(used / (self.dec.num_slots * self.dec.max_len), 4))
-        if state != self._last_state:
-            self._last_state = state
-            self.emit(self.metrics.state, *state)
-
-    @staticmethod
-    def _safe(fn, *args) -> None:
-        try:
-            fn(*args)
-        except Exception:
-            log.exception("sending a response failed")
-
-
-def _ask_cancelled(seq: Sequence) -> bool:
-    try:
-        return bool(seq.sink.is_cancelled())
-    except Exception:  # a sender that cannot answer is as good as gone
+    def prefilled(self, req: Request, n: int) -> bool:
+        """`n` more prompt tokens of `req` are in the KV cache; True when its whole prompt
+        is (then its blocks go to the prompt cache, and its logits give the first token)."""
+        req.num_computed += n
+        if req.num_computed < len(req.prompt):
+            return False
+        self.kv.cache_prompt(req)
         return True
+
+    def prefill_failed(self, req: Request) -> None:
+        req.status = RequestStatus.FINISHED_FAILED
+        self.kv.release_prefill()
+
+    def first_token_done(self, req: Request) -> None:
+        """After its first token a prefilled request decodes, or leaves if that ended it."""
+        if req.status.finished:
+            self.kv.release_prefill()
+        else:
+            req.status = RequestStatus.DECODING
+            self.kv.start_decoding(req)
+
+    @property
+    def decoding(self) -> list[Request]:
+        """The requests of the next decode call; row i is decoding[i]."""
+        return self.kv.decoding
+
+    def append_token(self, req: Request, token: int) -> bool:
+        """Record a sampled token. EOS ends the request as FINISHED_STOPPED and is not an
+        output token (False); an output token may end it at max_tokens or the context
+        (FINISHED_LENGTH)."""
+        req.next_token = token
+        if token in self.eos and not req.params.ignore_eos:
+            req.status = RequestStatus.FINISHED_STOPPED
+            return False
+        req.output.append(token)
+        if len(req.output) >= req.max_tokens or len(req.prompt) + len(req.output) >= self.max_model_len:
+            req.status = RequestStatus.FINISHED_LENGTH
+        return True
+
+    def finished_decoding(self, rows: list[int]) -> None:
+        """These decoding rows' requests are finished: free their slots."""
+        self.kv.free(rows)
+
+    def decode_failed(self) -> list[Request]:
+        lost = self.kv.drop_decoding()
+        for r in lost:
+            r.status = RequestStatus.FINISHED_FAILED
+        return lost
+
+    def in_flight(self) -> list[Request]:
+        """Every admitted request: waiting, decoding, being prefilled."""
+        p = self.kv.prefilling
+        return list(self.waiting) + self.kv.decoding + ([p] if p is not None else [])
+
+    def abort_all(self) -> list[Request]:
+        """Everything in flight fails (engine failure, unload); the caller tells them."""
+        self.drain_inbox()
+        lost = self.in_flight()
+        self.release(len(self.waiting))
+        self.waiting.clear()
+        self.kv.clear()
+        for r in lost:
+            r.status = RequestStatus.FINISHED_FAILED
+        return lost
+
+    def state(self) -> tuple[int, int, float]:
+        """(waiting, running, KV usage) for the gauges."""
+        running = len(self.kv.decoding) + (self.kv.prefilling is not None)
+        return len(self.waiting) + self.inbox.qsize(), running, self.kv.usage()

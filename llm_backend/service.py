@@ -1,4 +1,5 @@
-"""Building the engine from a model version directory and its EngineParams."""
+"""Building the engine from a model version directory and its EngineParams: the one
+place where its parts are wired together."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import logging
 from pathlib import Path
 
 from .decoder import Decoder, DecoderSpec, ModelLoadError, cpu_count
+from .engine_core import EngineCore, EngineThread
+from .kv_cache_manager import KVCacheManager
+from .metrics import Metrics
 from .model_config import EngineParams
+from .output_processor import OutputProcessor
 from .prefix_cache import PrefixCache
-from .preprocess import max_chars_per_token
-from .runtime import EngineThread
+from .preprocess import Preprocessor, max_chars_per_token
+from .responder import Responder
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,25 @@ def kv_slots(params: EngineParams, row_bytes: int) -> int:
     return min(params.max_num_seqs, fit)
 
 
+def build_core(decoder, tokenizer, outbox: Responder, *, max_model_len: int, max_queue_size: int,
+               prefill_chunk: int, prefix_cache: PrefixCache | None = None, metrics: Metrics | None = None,
+               eos_token_ids: list[int] | None = None) -> EngineCore:
+    """The engine's step machine over a decoder (tests pass a fake one); its output goes
+    through `outbox`."""
+    kv = KVCacheManager(decoder, prefix_cache)
+    eos = decoder.spec.eos_token_ids if eos_token_ids is None else eos_token_ids
+    scheduler = Scheduler(kv, max_model_len=max_model_len, max_queue_size=max_queue_size,
+                          prefill_chunk=prefill_chunk, eos_token_ids=eos)
+    return EngineCore(decoder, scheduler, OutputProcessor(tokenizer, outbox, metrics), outbox)
+
+
+def start_engine(core: EngineCore, tokenizer, *, chars_per_token: int | None, tokenize_workers: int,
+                 idle_wait: float = 0.05) -> EngineThread:
+    """The engine thread over `core`, with its tokenizer workers."""
+    pre = Preprocessor(core, tokenizer, core.outbox, chars_per_token=chars_per_token, workers=tokenize_workers)
+    return EngineThread(core, pre, idle_wait=idle_wait)
+
+
 def load_engine(version_dir: Path, params: EngineParams, metrics=None) -> tuple[EngineThread, object]:
     """(engine thread, tokenizer); raises ModelLoadError with a clear message."""
     version_dir = Path(version_dir)
@@ -59,7 +83,7 @@ def load_engine(version_dir: Path, params: EngineParams, metrics=None) -> tuple[
     eos = set(spec.eos_token_ids)
     if params.eos_token and tokenizer.token_to_id(params.eos_token) is not None:
         eos.add(tokenizer.token_to_id(params.eos_token))
-    sched = Scheduler(decoder, tokenizer, max_model_len=params.max_model_len,
+    core = build_core(decoder, tokenizer, Responder(), max_model_len=params.max_model_len,
                       max_queue_size=params.max_queue_size, prefill_chunk=params.prefill_chunk,
                       prefix_cache=PrefixCache(params.prefix_cache_mb * 2**20),
                       metrics=metrics, eos_token_ids=sorted(eos))
@@ -70,4 +94,5 @@ def load_engine(version_dir: Path, params: EngineParams, metrics=None) -> tuple[
     else:
         log.info("prompts over %d characters are refused before tokenizing (%d tokens of at most %d characters)",
                  params.max_model_len * chars_per_token, params.max_model_len, chars_per_token)
-    return EngineThread(sched, chars_per_token=chars_per_token, tokenize_workers=min(4, cpu_count())), tokenizer
+    return start_engine(core, tokenizer, chars_per_token=chars_per_token,
+                        tokenize_workers=min(4, cpu_count())), tokenizer

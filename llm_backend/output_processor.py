@@ -1,0 +1,81 @@
+"""From a request's tokens to what its client receives: detokenizing, stop strings,
+sending, and the metrics of what was sent.
+
+Text is held back while it could be part of a UTF-8 character or of a stop string
+(detokenizer.py); a stop string ends the request (FINISHED_STOPPED) and is never sent.
+Everything leaves through the outbox (responder.py), in order, off the engine thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .detokenizer import IncrementalDetokenizer, StopStringBuffer
+from .metrics import Metrics, NullMetrics
+from .request import Request, RequestStatus
+
+
+@dataclass(eq=False)
+class TextState:
+    """A request's output on its way to text."""
+    detok: IncrementalDetokenizer
+    stops: StopStringBuffer
+    logprobs: list[float] = field(default_factory=list)   # of tokens whose text is not sent yet
+    tail: str = ""                                        # text released by the finishing token
+
+
+class OutputProcessor:
+    """`add_request` may be called from any thread; the rest from the engine thread."""
+
+    def __init__(self, tokenizer, outbox, metrics: Metrics | None = None):
+        self.tok = tokenizer
+        self.send = outbox.send
+        self.metrics = metrics or NullMetrics()
+        self._last_state = None
+
+    def add_request(self, req: Request) -> None:
+        req.output_state = TextState(IncrementalDetokenizer(self.tok, req.prompt),
+                                     StopStringBuffer(req.params.stop))
+
+    def process_token(self, req: Request, token: int, logprob: float | None) -> None:
+        """An output token of `req` (`req.status` says if it reached its length): its
+        text goes to the client unless the request is finished, or held back; a stop
+        string in it finishes the request."""
+        st = req.output_state
+        if logprob is not None:
+            st.logprobs.append(logprob)
+        text = st.stops.push(st.detok.push(token))
+        if st.stops.stopped:
+            req.status = RequestStatus.FINISHED_STOPPED
+            st.tail = text
+        elif req.status is RequestStatus.FINISHED_LENGTH:
+            st.tail = text
+        elif text:
+            logprobs, st.logprobs = st.logprobs, []
+            self.send(req.sink.piece, text, logprobs, len(req.prompt), len(req.output))
+
+    def finish(self, req: Request) -> None:
+        """The last response of a finished request: the text still held, finish_reason."""
+        st = req.output_state
+        tail = st.tail
+        if not st.stops.stopped:
+            tail += st.stops.push(st.detok.flush())
+            tail += st.stops.flush()
+        self.send(req.sink.finish, tail, st.logprobs, req.finish_reason, len(req.prompt), len(req.output))
+
+    def fail(self, req: Request, kind: str, message: str) -> None:
+        self.send(req.sink.fail, kind, message)
+
+    # -- metrics: output tokens are those of num_output_tokens (an EOS is not one) --------------
+    def first_token(self, req: Request, now: float) -> None:
+        self.send(self.metrics.first_token, now - req.arrival, len(req.prompt), len(req.output))
+
+    def tokens(self, inter_token_seconds: list[float]) -> None:
+        self.send(self.metrics.tokens, len(inter_token_seconds), inter_token_seconds)
+
+    def state(self, waiting: int, running: int, kv_usage: float) -> None:
+        """The gauges, sent when they change."""
+        state = (waiting, running, kv_usage)
+        if state != self._last_state:
+            self._last_state = state
+            self.send(self.metrics.state, *state)

@@ -1,0 +1,497 @@
+"""Unit tests of the engine over a fake decoder (no Triton, no ONNX model): the steps of
+the scheduler, KV manager and output processor through `EngineCore`, and the production
+path around them: the engine thread, the responder thread, cancellation through the
+responder's poll, tokenizer workers, unload."""
+
+from __future__ import annotations
+
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+from backend_testlib import (  # type: ignore[import-not-found]
+    FakeDecoder,
+    FakeMetricFamily,
+    GatedTokenizer,
+    ListSink,
+    RawSender,
+    core,
+    engine,
+    parsed,
+    run,
+    step,
+    wait_until,
+)
+
+from llm_backend.error_kinds import RequestError
+from llm_backend.prefix_cache import PrefixCache
+from llm_backend.protocol import ResponseSink, parse_request
+from llm_backend.request import RequestStatus
+from llm_backend.responder import Responder
+from llm_backend.sampling import SamplingParams
+
+# -- one step at a time ---------------------------------------------------------------------------------
+
+
+def _alone(prompt, max_tokens):
+    c, sink = core(), ListSink()
+    c.add_request(prompt, SamplingParams(max_tokens=max_tokens), sink)
+    run(c)
+    return "".join(sink.pieces)
+
+
+def test_join_and_leave_between_steps_does_not_change_outputs():
+    prompts = [list(range(1, 4 + 3 * i)) for i in range(6)]
+    lens = [5, 12, 3, 9, 7, 4]
+    expected = [_alone(p, n) for p, n in zip(prompts, lens)]
+    c = core(max_queue_size=10)
+    sinks = []
+    for i, (p, n) in enumerate(zip(prompts, lens)):     # arrive while others run
+        sinks.append(ListSink())
+        c.add_request(p, SamplingParams(max_tokens=n), sinks[-1])
+        step(c)
+    run(c)
+    assert ["".join(k.pieces) for k in sinks] == expected
+    assert [k.end for k in sinks] == [("length", len(p), n) for p, n in zip(prompts, lens)]
+    assert c.scheduler.kv.free_slots() == 4
+
+
+def test_a_request_goes_through_its_statuses():
+    c = core(prefill_chunk=8)
+    c.add_request(list(range(1, 21)), SamplingParams(max_tokens=3), ListSink())
+    c.scheduler.drain_inbox()
+    req = c.scheduler.waiting[0]
+    seen = [req.status]
+    while not c.idle:
+        step(c)
+        seen.append(req.status)
+    S = RequestStatus
+    assert seen == [S.WAITING, S.PREFILLING, S.PREFILLING, S.DECODING, S.FINISHED_LENGTH]
+    assert req.output and req.finish_reason == "length"
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps():
+    dec = FakeDecoder(max_len=128)
+    c = core(dec, max_model_len=128)
+    first = ListSink()
+    c.add_request([1, 2, 3], SamplingParams(max_tokens=30), first)
+    step(c)
+    c.add_request(list(range(1, 41)), SamplingParams(max_tokens=2), ListSink())
+    dec.calls.clear()
+    for _ in range(5):
+        step(c)
+    assert [call for call in dec.calls if call[0] == "prefill"] == [("prefill", 8)] * 5
+    assert [call[0] for call in dec.calls] == ["prefill", "decode"] * 5     # the first stream keeps decoding
+    assert dec.calls[-1] == ("decode", 2)                                  # the newcomer joined
+
+
+def test_prefix_cache_reuses_blocks_and_gives_the_same_output():
+    dec = FakeDecoder()
+    c = core(dec)
+    prompt = list(range(1, 20))
+    outs = []
+    for _ in range(2):
+        sink = ListSink()
+        c.add_request(prompt, SamplingParams(max_tokens=5), sink)
+        dec.calls.clear()
+        run(c)
+        outs.append(("".join(sink.pieces), [call for call in dec.calls if call[0] == "prefill"]))
+    assert outs[0][0] == outs[1][0]
+    assert sum(n for _, n in outs[0][1]) == 19 and sum(n for _, n in outs[1][1]) == 3
+    assert c.scheduler.kv.cache.hits == 16
+
+
+def test_prefix_cache_evicts_the_tails_of_a_chain_before_its_head():
+    """A block is only useful after its whole prefix: evicting a chain's head first
+    leaves its tail blocks resident and unreachable."""
+    block_bytes = FakeDecoder().read_rows(0, 0, 4).nbytes
+    a, b, d = list(range(1, 14)), list(range(20, 25)), list(range(30, 39))   # 3, 1 and 2 blocks
+
+    def blocks_hit(c, prompt):
+        cache = c.scheduler.kv.cache
+        hits = cache.hits
+        c.add_request(prompt, SamplingParams(max_tokens=1), ListSink())
+        run(c)
+        return (cache.hits - hits) // 4
+
+    c = core(prefix_cache=PrefixCache(3 * block_bytes, block=4))
+    blocks_hit(c, a)
+    blocks_hit(c, b)                                       # inserted: evicts one block of a
+    assert blocks_hit(c, a) == 2
+
+    c = core(prefix_cache=PrefixCache(4 * block_bytes, block=4))
+    blocks_hit(c, a)
+    blocks_hit(c, b)
+    assert blocks_hit(c, a) == 3                           # hit: a is the most recent again
+    blocks_hit(c, d)                                       # evicts b and one block of a
+    assert blocks_hit(c, a) == 2
+
+
+def test_a_cancelled_request_is_polled_then_dropped_and_frees_its_row():
+    """The one cancellation path: the responder's poll after a step flags the request,
+    the next step drops it."""
+    c = core()
+    a, b = ListSink(), ListSink()
+    c.add_request([1, 2], SamplingParams(max_tokens=50), a)
+    c.add_request([3, 4], SamplingParams(max_tokens=5), b)
+    step(c), step(c)
+    a.cancel = True
+    step(c)                                               # the poll after this step sees it
+    assert a.error is None and len(c.scheduler.decoding) == 2
+    step(c)
+    assert a.error[0] == "cancelled" and a.end is None
+    assert [r.sink for r in c.scheduler.decoding] in ([b], [])
+    run(c)
+    assert b.end[0] == "length" and c.scheduler.kv.free_slots() == 4
+
+
+def test_a_request_cancelled_while_it_waits_gives_back_its_queue_place():
+    c = core(FakeDecoder(num_slots=1), max_queue_size=1)
+    running, waiting = ListSink(), ListSink()
+    c.add_request([1, 2], SamplingParams(max_tokens=20), running)
+    c.add_request([3, 4], SamplingParams(max_tokens=20), waiting)
+    step(c)
+    with pytest.raises(RequestError):                     # 1 slot + 1 waiting
+        c.add_request([5], SamplingParams(max_tokens=2), ListSink())
+    waiting.cancel = True
+    step(c), step(c)
+    assert waiting.error[0] == "cancelled" and not c.scheduler.waiting
+    c.add_request([5], SamplingParams(max_tokens=2), ListSink())   # its place is free again
+
+
+def test_queue_overflow_is_over_capacity():
+    c = core(FakeDecoder(num_slots=1), max_queue_size=2)
+    for _ in range(3):                                    # 1 slot + 2 waiting
+        c.add_request([1], SamplingParams(max_tokens=3), ListSink())
+    with pytest.raises(RequestError) as err:
+        c.add_request([1], SamplingParams(max_tokens=3), ListSink())
+    assert err.value.kind == "over_capacity" and "max_queue_size 2" in str(err.value)
+
+
+def test_context_overflow_names_both_numbers():
+    c = core()
+    with pytest.raises(RequestError) as err:
+        c.add_request(list(range(1, 41)), SamplingParams(max_tokens=30), ListSink())
+    assert str(err.value).startswith("context_length_exceeded: ") and "64" in str(err.value) and "70" in str(err.value)
+    sink = ListSink()                                     # absent max_tokens: up to the limit
+    c.add_request(list(range(1, 41)), SamplingParams(ignore_eos=True), sink)
+    run(c)
+    assert sink.end == ("length", 40, 24)
+
+
+def test_eos_ends_with_stop_unless_ignored():
+    class EosDecoder(FakeDecoder):
+        def _logits(self, history):
+            lg = np.zeros(64, dtype=np.float32)
+            lg[0 if len(history) >= 5 else 41] = 10.0
+            return lg
+    sink = ListSink()
+    c = core(EosDecoder())
+    c.add_request([1, 2, 3], SamplingParams(max_tokens=10), sink)
+    run(c)
+    assert sink.end == ("stop", 3, 2)
+    sink = ListSink()
+    c.add_request([1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True), sink)
+    run(c)
+    assert sink.end == ("length", 3, 4)
+
+
+def test_generated_tokens_metric_agrees_with_num_output_tokens():
+    """EOS ends a sequence but is not an output token: llm_generation_tokens_total
+    counted it (and its inter-token gap), so it ran ahead of the usage reported."""
+    from llm_backend.metrics import TritonMetrics
+
+    class EosDecoder(FakeDecoder):                         # EOS once a row holds 5 tokens
+        def _logits(self, history):
+            lg = np.zeros(64, dtype=np.float32)
+            lg[0 if len(history) >= 5 else 41] = 10.0
+            return lg
+
+    m = TritonMetrics(types.SimpleNamespace(MetricFamily=FakeMetricFamily), {"model": "m"})
+    c = core(EosDecoder(), metrics=m, max_queue_size=10)
+    sinks = [ListSink() for _ in range(4)]
+    c.add_request([1, 2, 3], SamplingParams(max_tokens=10), sinks[0])          # 2 tokens, then EOS
+    c.add_request([1, 2, 3, 4, 5], SamplingParams(max_tokens=10), sinks[1])    # EOS first: 0 tokens
+    c.add_request([1, 2], SamplingParams(max_tokens=2), sinks[2])              # length: 2 tokens
+    c.add_request([1, 2], SamplingParams(max_tokens=10, stop=[")"]), sinks[3])  # stop string: 1 token
+    run(c)
+    outputs = [k.end[2] for k in sinks]
+    assert outputs == [2, 0, 2, 1]
+    assert m.gen.value == sum(outputs)
+    assert m.prompt.value == 3 + 5 + 2 + 2
+    assert len(m.ttft.observed) == 4
+    assert len(m.itl.observed) == sum(outputs) - sum(1 for n in outputs if n)   # between tokens
+
+
+def test_streamed_pieces_carry_the_running_token_counts():
+    """So a client that leaves after k pieces can be billed what was generated, also
+    the tokens whose text a stop string held back."""
+    class ScriptDecoder(FakeDecoder):                      # after a 2-token prompt: "!%%!%%%"
+        def _logits(self, history):
+            lg = np.zeros(64, dtype=np.float32)
+            lg[ord("!%%!%%%"[len(history) - 2])] = 10.0
+            return lg
+
+    c = core(max_queue_size=10)
+    sink = ListSink()
+    c.add_request([1, 2, 3], SamplingParams(max_tokens=6), sink)
+    run(c)
+    assert sink.counts == [(3, k) for k in range(1, 6)] and sink.end == ("length", 3, 6)
+
+    c = core(ScriptDecoder())
+    sink = ListSink()
+    c.add_request([1, 2], SamplingParams(max_tokens=10, stop=["%%%"]), sink)
+    run(c)
+    assert sink.pieces == ["!", "%%!", ""]
+    assert sink.counts == [(2, 1), (2, 4)] and sink.end == ("stop", 2, 7)
+
+
+def test_abort_all_reports_the_emptied_state():
+    """After a failed engine step everything in flight is failed and the engine goes
+    idle: no further step reports the state, so the gauges kept the old counts."""
+    class StateMetrics:
+        def __init__(self):
+            self.last = None
+
+        def state(self, waiting, running, kv_usage):
+            self.last = (waiting, running, kv_usage)
+
+        def first_token(self, seconds, prompt_tokens, generated):
+            pass
+
+        def tokens(self, n, inter_token_seconds):
+            pass
+
+    m = StateMetrics()
+    c = core(metrics=m, max_queue_size=10)
+    sinks = [ListSink() for _ in range(6)]
+    for i, sink in enumerate(sinks):
+        c.add_request([1, 2, 3 + i], SamplingParams(max_tokens=20), sink)
+    step(c)
+    assert m.last[1] > 0 and m.last[0] > 0
+    c.abort_all("internal", "engine step failed")
+    c.outbox.run_pending()
+    assert c.idle and all(k.error for k in sinks)
+    assert m.last == (0, 0, 0.0) and c.scheduler._pending == 0
+
+
+# -- the production path: engine thread, responder thread ------------------------------------------------
+
+
+class SlowDecoder(FakeDecoder):
+    """Each model call takes a while with the GIL released, as onnxruntime's do."""
+
+    def __init__(self, delay=0.002, **kw):
+        super().__init__(**kw)
+        self.delay = delay
+
+    def decode(self, tokens, lengths):
+        time.sleep(self.delay)
+        return super().decode(tokens, lengths)
+
+
+def test_a_client_that_leaves_mid_stream_is_dropped_through_the_responder(triton_sender):
+    """Through Triton's sender: the responder's poll sees the client gone, the engine
+    drops the request at its next step, frees its slot and ends it with the bare final
+    flag; the stream beside it is not disturbed."""
+    e = engine(dec=SlowDecoder())
+    try:
+        raw = RawSender()
+        req = parsed("12", max_tokens=np.int32(40), ignore_eos=True, stream=True)
+        e.submit(req, ResponseSink(triton_sender(raw), req))
+        staying = ListSink()
+        e.submit(parsed("34", max_tokens=np.int32(30), ignore_eos=True), staying)
+        wait_until(lambda: len(raw.sent) >= 3, what="three pieces")
+        raw.cancelled = True
+        wait_until(lambda: raw.sent[-1] == (None, 1), what="the final flag")
+        assert all(flags == 0 and "error" not in r for r, flags in raw.sent[:-1])
+        assert len(raw.sent) < 40                           # it left long before its end
+        wait_until(lambda: staying.end is not None, what="the other stream")
+        assert staying.end == ("length", 2, 30) and "".join(staying.pieces) == _alone([51, 52], 30)
+        wait_until(lambda: e.core.idle, what="idle")
+        assert e.core.scheduler.kv.free_slots() == 4 and e.core.scheduler._pending == 0
+    finally:
+        e.close(drain_timeout=5)
+
+
+def test_the_responder_sends_in_order_and_survives_a_failing_send():
+    r = Responder()
+    got = []
+
+    def boom():
+        raise RuntimeError("the client's stream broke")
+
+    for i in range(50):
+        r.send(got.append, i)
+        if i == 10:
+            r.send(boom)
+    r.close()
+    assert got == list(range(50))
+
+
+def test_the_responder_queues_one_cancellation_poll_at_a_time():
+    r = Responder(start=False)
+    sink = ListSink()
+    req = types.SimpleNamespace(sink=sink, cancelled=False)
+    r.poll_cancelled([req])
+    r.poll_cancelled([req])                                # skipped: one is queued
+    assert r.q.qsize() == 1
+    sink.cancel = True
+    r.run_pending()
+    assert req.cancelled
+    r.poll_cancelled([req])
+    assert r.q.qsize() == 1                                # the next step queues a new one
+
+
+def test_a_failed_engine_step_fails_what_is_in_flight_and_the_engine_serves_on():
+    class BrokenOnce(SlowDecoder):
+        broken = True
+
+        def decode(self, tokens, lengths):
+            out = super().decode(tokens, lengths)
+            if self.broken and len(tokens) == 3:           # once all three decode together
+                self.broken = False
+                return out[:0]                              # an engine bug: fails outside the model call
+            return out
+
+    e = engine(dec=BrokenOnce())
+    try:
+        first = [ListSink() for _ in range(3)]
+        for i, sink in enumerate(first):
+            e.submit(parsed(f"1{i}", max_tokens=np.int32(40)), sink)
+        wait_until(lambda: all(k.error for k in first), what="the failed requests")
+        assert all(k.error[0] == "internal" and "engine step failed" in k.error[1] for k in first)
+        later = ListSink()
+        e.submit(parsed("7", max_tokens=np.int32(5)), later)
+        wait_until(lambda: later.end is not None, what="a request after the failure")
+        assert later.end == ("length", 1, 5) and e.core.scheduler._pending == 0
+    finally:
+        e.close(drain_timeout=5)
+
+
+def test_unload_lets_running_requests_finish_and_refuses_new_ones():
+    e = engine(dec=SlowDecoder())
+    sink = ListSink()
+    e.submit(parsed("12", max_tokens=np.int32(20)), sink)
+    wait_until(lambda: sink.pieces, what="the first piece")
+    closer = threading.Thread(target=e.close, kwargs={"drain_timeout": 10})
+    closer.start()
+    wait_until(lambda: e.closed, what="closing")
+    with pytest.raises(RequestError, match="unloading"):
+        e.submit(parsed("3"), ListSink())
+    closer.join(30)
+    assert sink.end == ("length", 2, 20) and sink.error is None
+
+
+# -- tokenizing off the engine loop ----------------------------------------------------------------------
+
+
+def test_the_engine_keeps_stepping_while_a_prompt_is_tokenized():
+    """A prompt is tokenized by a worker, never on the engine thread (nor Triton's): a
+    request that arrives later is prefilled and decoded to its end while the first
+    one's tokenizer is still at work."""
+    tok = GatedTokenizer()
+    e = engine(tok)
+    decodes = lambda: sum(1 for call in e.core.dec.calls if call[0] == "decode")  # noqa: E731
+    try:
+        running, slow = ListSink(), ListSink()
+        e.submit(parsed("## 345", max_tokens=np.int32(3)), slow)    # returns at once
+        assert tok.entered.wait(10)
+        e.submit(parsed("12", max_tokens=np.int32(40), ignore_eos=True), running)
+        wait_until(lambda: running.end is not None, what="the later request to finish")
+        assert running.end == ("length", 2, 40) and len(running.counts) == 39
+        assert decodes() == 39                                # every step ran while tokenizing
+        assert not tok.gate.is_set() and slow.end is None and slow.error is None
+        wait_until(lambda: e.pre.busy == 1, what="the worker that queued the later request")
+        assert e.core.scheduler._pending == 1                 # the slow one: reserved, not yet queued
+        tok.gate.set()
+        wait_until(lambda: slow.end is not None, what="the slow prompt's request to finish")
+        assert slow.end == ("length", len("## 345"), 3)
+    finally:
+        tok.gate.set()
+        e.close(drain_timeout=5)
+    assert e.pre.busy == 0 and e.core.scheduler._pending == 0
+
+
+def test_a_prompt_over_the_character_bound_is_refused_before_tokenizing():
+    """At most 3 characters a token and 64 tokens of context: 193 characters cannot fit."""
+    from backend_testlib import ByteTokenizer  # type: ignore[import-not-found]
+
+    class Counting(ByteTokenizer):
+        calls = 0
+
+        def encode_batch_fast(self, texts, add_special_tokens=False):
+            Counting.calls += 1
+            return super().encode_batch_fast(texts, add_special_tokens)
+
+    e = engine(Counting(), chars_per_token=3)
+    try:
+        with pytest.raises(RequestError) as err:
+            e.submit(parsed("x" * 193), ListSink())
+        msg = str(err.value)
+        assert msg.startswith("context_length_exceeded: ") and err.value.kind == "context_length_exceeded"
+        assert "193 characters" in msg and "192" in msg and "64 tokens" in msg
+        assert Counting.calls == 0 and e.core.scheduler._pending == 0
+
+        sink = ListSink()                                 # under the bound: tokenized, then the exact check
+        e.submit(parsed("x" * 192), sink)
+        wait_until(lambda: sink.error is not None, what="the exact check")
+        assert sink.error[0] == "context_length_exceeded" and "192 tokens" in sink.error[1]
+        assert Counting.calls == 1
+
+        def ids(n):
+            return parse_request(lambda name: np.arange(1, n + 1)[None] if name == "input_ids" else None, 256)
+
+        with pytest.raises(RequestError, match="the prompt has 64 tokens"):   # ids: counted, never decoded
+            e.submit(ids(64), ListSink())
+        ok = ListSink()
+        e.submit(ids(10), ok)
+        wait_until(lambda: ok.end is not None, what="the ids request")
+        assert ok.end[1] == 10
+    finally:
+        e.close(drain_timeout=5)
+    assert e.core.scheduler._pending == 0
+
+
+def test_a_request_cancelled_while_tokenized_ends_with_the_bare_final_flag(triton_sender):
+    """It never reaches the scheduler; its slot reservation is given back."""
+    tok = GatedTokenizer()
+    e = engine(tok)
+    try:
+        raw = RawSender()
+        req = parsed("## 6 7 8", max_tokens=np.int32(5))
+        e.submit(req, ResponseSink(triton_sender(raw), req))
+        assert tok.entered.wait(10)
+        raw.cancelled = True                              # the client leaves mid-tokenization
+        tok.gate.set()
+        wait_until(lambda: raw.sent, what="the final flag")
+        wait_until(lambda: e.pre.busy == 0, what="the worker to finish")
+        assert raw.sent == [(None, 1)]
+        assert e.core.scheduler._pending == 0 and e.core.idle
+        assert not [call for call in e.core.dec.calls if call[0] == "prefill"]
+        assert req.text is None                           # the prompt is not kept
+    finally:
+        tok.gate.set()
+        e.close(drain_timeout=5)
+
+
+def test_unload_while_a_prompt_is_tokenized_ends_every_request():
+    tok = GatedTokenizer()
+    e = engine(tok)
+    slow, queued = ListSink(), ListSink()
+    e.submit(parsed("## 9", max_tokens=np.int32(2)), slow)
+    e.submit(parsed("## 10", max_tokens=np.int32(2)), queued)     # the second worker's
+    assert tok.entered.wait(10)
+    closer = threading.Thread(target=e.close, kwargs={"drain_timeout": 0.2})
+    closer.start()
+    wait_until(lambda: e.closed, what="closing")
+    with pytest.raises(RequestError, match="unloading"):
+        e.submit(parsed("11"), ListSink())
+    tok.gate.set()
+    closer.join(30)
+    assert not closer.is_alive()
+    for sink in (slow, queued):
+        assert sink.end is not None or sink.error is not None
+    assert e.core.scheduler._pending == 0
