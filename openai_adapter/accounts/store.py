@@ -86,8 +86,12 @@ def current_revision(engine: sa.Engine) -> str | None:
 
 def migrate(engine: sa.Engine) -> tuple[str | None, str]:
     """Bring the schema to the newest revision; returns (before, after)."""
-    before = current_revision(engine)
     with engine.begin() as conn:
+        if is_postgres(engine):
+            # Replicas that start together migrate one after the other (the others then
+            # find the schema current); released when this transaction ends.
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7242610001)"))
+        before = MigrationContext.configure(conn).get_current_revision()
         command.upgrade(_config(conn), "head")
     return before, head_revision()
 

@@ -197,3 +197,24 @@ def test_schema_check_names_the_command(db_url):
     check_schema(e)
     assert migrate(e) == ("0002", "0002")
     e.dispose()
+
+
+def test_replicas_migrating_at_once_do_not_race(db_url):
+    import threading
+    results, errors = [], []
+
+    def start() -> None:
+        e = make_engine(db_url)
+        try:
+            results.append(migrate(e)[1])
+        except Exception as err:  # pragma: no cover - the failure this test is for
+            errors.append(err)
+        finally:
+            e.dispose()
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and results == ["0002"] * 4
