@@ -95,7 +95,7 @@ def fidelity(ref: list[np.ndarray], got: list[np.ndarray]) -> dict:
 
 def step_ratio(dirs: list[Path], rounds: int, steps: int = 25) -> list[dict]:
     """One-row decode steps of each export by turns; median step ms and ratio to the first."""
-    from llm_backend.engine import Decoder
+    from llm_backend.decoder import Decoder
 
     decs = [Decoder(d, num_slots=1, max_len=512, intra_op_threads=2) for d in dirs]
     prompt = list(range(100, 138))
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from export.default_model import fetch_default_gguf, fetch_default_model
     from export.pipeline import ExportOptions, run_export
-    from llm_backend.engine import int8_gemm_is_exact
+    from llm_backend.decoder import int8_gemm_is_exact
     from stack.default_model import ensure_default_model
 
     with tempfile.TemporaryDirectory(prefix="int4-fidelity-") as tmp:

@@ -28,7 +28,7 @@ from export.onnx_build import builder_options
 from export.pipeline import (ExportOptions, apply_overrides, instance_kind, requantizes_int4, rewrite_scheme,
                              run_export)
 from export.publish import link_or_copy, publish_version, staging, versions, write_config
-from llm_backend.engine import int8_gemm_is_exact
+from llm_backend.decoder import int8_gemm_is_exact
 from llm_backend.model_config import EngineParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -32,10 +32,9 @@ sys.path.insert(0, str(HERE))
 import triton_entrypoint as entry  # noqa: E402
 
 LLM_HOME = Path(os.environ.get("LLM_HOME", "/opt/llm"))
-# llm_backend/client.py is the tests' and benchmarks' gRPC client, not part of the backend.
-NOT_BACKEND = {"client.py"}
+NOT_BACKEND: set[str] = set()  # every module of llm_backend is the backend's (the test client lives in bench/)
 PROVIDED_BY_TRITON = {"triton_python_backend_utils", "c_python_backend_utils"}
-GPU_ONLY = {"torch"}   # engine.py imports it on the CUDA path only
+GPU_ONLY = {"torch"}   # decoder.py imports it on the CUDA path only
 
 
 def ldd(path: Path, env: dict[str, str]) -> str:

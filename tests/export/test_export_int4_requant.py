@@ -113,7 +113,7 @@ def test_tiny_int4_export_is_requantized_and_verified(tiny_checkpoint, tmp_path)
 
 @pytest.mark.slow
 def test_int4_mlp_block_32_decodes_the_same_alone_or_batched(tiny_checkpoint, tmp_path):
-    from llm_backend.engine import Decoder
+    from llm_backend.decoder import Decoder
 
     result = run_export(tiny_checkpoint, ExportOptions(name="tiny32", repository=tmp_path, precision="int4",
                                                        int4_mlp_block=32, quiet=True))

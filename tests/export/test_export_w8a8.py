@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from export.cli import main as export_main
 from export.w8a8 import SCHEME, quantize_weight, rewrite_w8a8
-from llm_backend.engine import int8_gemm_is_exact
+from llm_backend.decoder import int8_gemm_is_exact
 
 # Without VNNI onnxruntime's u8s8 GEMM saturates: results are not what these tests check
 # (and the engine refuses W8A8 models there: test below).
@@ -137,7 +137,7 @@ def test_a_graph_without_weight_matmuls_is_refused():
 
 @needs_exact_int8
 def test_w8a8_export_of_a_new_checkpoint_serves_rows_independently(tiny_checkpoint, tmp_path):
-    from llm_backend.engine import Decoder
+    from llm_backend.decoder import Decoder
 
     repo = tmp_path / "repo"
     assert export_main([str(tiny_checkpoint), "--name", "tiny", "--repository", str(repo),
@@ -158,7 +158,7 @@ def test_w8a8_export_of_a_new_checkpoint_serves_rows_independently(tiny_checkpoi
 
 
 def test_a_w8a8_model_is_refused_on_a_cpu_without_vnni(tiny_checkpoint, tmp_path, monkeypatch):
-    import llm_backend.engine as engine
+    import llm_backend.decoder as engine
 
     repo = tmp_path / "repo"
     assert export_main([str(tiny_checkpoint), "--name", "tiny", "--repository", str(repo),
