@@ -63,7 +63,7 @@ class Adapter:
         self.url = f"http://127.0.0.1:{self.port}"
         full = dict(os.environ, ADAPTER_HOST="127.0.0.1", ADAPTER_PORT=str(self.port), ADAPTER_ACCESS_LOG="false",
                     ADAPTER_LOG_LEVEL="warning", TRITON_GRPC_URLS=triton.grpc_url, TRITON_HTTP_URLS=triton.http_url,
-                    ADAPTER_HEALTH_PROBE_GENERATION="false", **env)
+                    ADAPTER_HEALTH_PROBE_GENERATION="false", TRITON_REPOSITORY_KEY=triton.repository_key, **env)
         self.proc = subprocess.Popen([sys.executable, "-m", "openai_adapter.main"], env=full, cwd=ROOT,
                                      stdout=open(log, "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60

@@ -46,17 +46,20 @@ async def openai_stream(http: httpx.AsyncClient, url: str, model: str, prompt: s
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
             "ignore_eos": True}
     start, times, error = time.perf_counter(), [], None
-    async with http.stream("POST", url + "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            return {"error": f"{r.status_code}: {(await r.aread())[:200]!r}", "status": r.status_code}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
-            if "error" in event:
-                error = event["error"]
-            elif event.get("choices") and event["choices"][0].get("text"):
-                times.append(time.perf_counter())
+    try:
+        async with http.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"error": f"{r.status_code}: {(await r.aread())[:200]!r}", "status": r.status_code}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    error = event["error"]
+                elif event.get("choices") and event["choices"][0].get("text"):
+                    times.append(time.perf_counter())
+    except httpx.HTTPError as err:  # counted, not fatal: the table says how many
+        return {"error": f"{type(err).__name__}: {err}", "status": "connection"}
     return {"start": start, "times": times, "error": error, "status": 200}
 
 
@@ -130,11 +133,19 @@ def run(args) -> dict:
                                 "load_average_before": os.getloadavg()}, "systems": {}}
 
     def measure(name: str, make_send) -> None:
+        """make_send() -> (send, close), called inside the run's event loop."""
         rows = []
+
+        async def level(c: int):
+            send, close = make_send()
+            try:
+                await load(send, 1, 1, 0)  # warm-up
+                return await load(send, c, args.rounds, args.stagger)
+            finally:
+                await close()
+
         for c in levels:
-            send = make_send()
-            asyncio.run(load(send, 1, 1, 0))  # warm-up
-            results, elapsed = asyncio.run(load(send, c, args.rounds, args.stagger))
+            results, elapsed = asyncio.run(level(c))
             row = {"concurrency": c, **summarize(results, elapsed, args.output_len)}
             rows.append(row)
             print(f"{name:22s} c={c:3d} {row['tok_s']:8.1f} tok/s  TTFT p50 {row['ttft_p50_ms']} ms  "
@@ -146,12 +157,13 @@ def run(args) -> dict:
 
         async def send(i: int) -> dict:
             return await openai_stream(http, url, model, texts[i % len(texts)], args.output_len)
-        return send
+        return send, http.aclose
 
     triton = TritonServer.on_free_ports(repo, log_path=tmp / "triton.log").start_ready(300)
     try:
         adapter = AdapterProcess(triton.grpc_url, triton.http_url, tmp / "adapter.log",
-                                 ADAPTER_ACCESS_LOG="false", ADAPTER_LOG_LEVEL="warning").start()
+                                 TRITON_REPOSITORY_KEY=triton.repository_key, ADAPTER_ACCESS_LOG="false",
+                                 ADAPTER_LOG_LEVEL="warning").start()
         adapter.wait_ready(120)
         try:
             measure("ours, OpenAI API", lambda: openai_sender(adapter.url, MODEL))
@@ -164,7 +176,7 @@ def run(args) -> dict:
 
             async def send(i: int) -> dict:
                 return await grpc_stream(client, MODEL, ids[i % len(ids)], args.output_len)
-            return send
+            return send, client.close
         measure("ours, gRPC", grpc_sender)
     finally:
         triton.stop()
