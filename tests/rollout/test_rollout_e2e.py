@@ -120,8 +120,8 @@ async def test_promote_under_load_rollback_refuse_retire(stack):
 
         clients = [asyncio.ensure_future(client(i)) for i in range(16)]
         await asyncio.sleep(1.0)
-        # int8 is slower than fp32 at these tiny shapes: the test is about the mechanics.
-        promoted = await asyncio.to_thread(stack.deploy, "promote", MODEL, "--max-slowdown", "4")
+        # The speed bound is wide: at these tiny shapes, on a shared machine, the rates swing 5x.
+        promoted = await asyncio.to_thread(stack.deploy, "promote", MODEL, "--max-slowdown", "100")
         switched_at = time.monotonic()
         assert promoted.returncode == 0, promoted.stdout + promoted.stderr
         await asyncio.sleep(3.0)
@@ -158,6 +158,26 @@ async def test_promote_under_load_rollback_refuse_retire(stack):
         status = json.loads((await asyncio.to_thread(stack.deploy, "status", MODEL)).stdout)
         assert status["serving"]["version"] == 1 and status["previous"] == 2
         assert list(status["loaded"].values()) == [[1, 2]]  # the candidate was unloaded again
+
+        # -- a canary: half of new requests on version 2, side by side, then finished -
+        canary = await asyncio.to_thread(stack.deploy, "promote", MODEL, "--version", "2", "--canary", "50",
+                                         "--max-slowdown", "100")
+        assert canary.returncode == 0, canary.stdout + canary.stderr
+        await asyncio.sleep(1.5)  # every adapter reads the route
+        seen = [await version_now(http, urls[i % 2]) for i in range(40)]
+        assert 5 <= seen.count("2") <= 35 and seen.count("1") + seen.count("2") == 40  # about half each
+        status = json.loads((await asyncio.to_thread(stack.deploy, "status", MODEL)).stdout)
+        assert status["canary"]["version"] == 2 and status["canary"]["percent"] == 50
+        stats = status["canary_stats"]
+        assert stats["1"]["requests"] >= 5 and stats["2"]["requests"] >= 5  # side by side, from the ledger
+        assert {"error_rate", "ttft_ms_p50", "duration_ms_p50"} <= set(stats["2"])
+        finished = await asyncio.to_thread(stack.deploy, "promote", MODEL, "--finish")
+        assert finished.returncode == 0, finished.stdout + finished.stderr
+        for u in urls:
+            while await version_now(http, u) != "2":
+                await asyncio.sleep(0.05)
+        rolled = await asyncio.to_thread(stack.deploy, "rollback", MODEL)  # back to 1, 2 stays loaded
+        assert rolled.returncode == 0, rolled.stdout + rolled.stderr
 
         # -- retire unloads version 2 only after its streams are done -----------------
         async def pinned() -> dict:
