@@ -245,9 +245,10 @@ def plot(report: dict, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for name, rows in report["systems"].items():
         cs = [r["concurrency"] for r in rows]
-        a.plot(cs, [r["tok_s"] for r in rows], marker="o", label=name)
-        b.plot(cs, [r["ttft_p50_ms"] for r in rows], marker="o", label=f"{name} p50")
-        b.plot(cs, [r["ttft_p99_ms"] for r in rows], marker="x", linestyle="--", label=f"{name} p99")
+        (line,) = a.plot(cs, [r["tok_s"] for r in rows], marker="o", label=name)
+        b.plot(cs, [r["ttft_p50_ms"] for r in rows], marker="o", color=line.get_color(), label=f"{name} p50")
+        b.plot(cs, [r["ttft_p99_ms"] for r in rows], marker="x", linestyle="--", color=line.get_color(),
+               label=f"{name} p99")
     if report.get("transformers"):
         rows = report["transformers"]
         a.plot([r["concurrency"] for r in rows], [r["tok_s"] for r in rows], marker="s", label="transformers fp32")
