@@ -164,8 +164,8 @@ def run(args) -> dict:
         adapter = AdapterProcess(triton.grpc_url, triton.http_url, tmp / "adapter.log",
                                  TRITON_REPOSITORY_KEY=triton.repository_key, ADAPTER_ACCESS_LOG="false",
                                  ADAPTER_LOG_LEVEL="warning").start()
-        adapter.wait_ready(120)
         try:
+            adapter.wait_ready(120)
             measure("ours, OpenAI API", lambda: openai_sender(adapter.url, MODEL))
         finally:
             adapter.stop()
