@@ -41,8 +41,22 @@ def _unencodable(value: Any, path: str = "") -> Optional[tuple[str, str]]:
     return None
 
 
+def _admits_null(prop: dict[str, Any]) -> bool:
+    return prop.get("type") == "null" or any(_admits_null(p) for p in prop.get("anyOf", ()))
+
+
+def _optional_fields_admit_null(schema: dict[str, Any]) -> None:
+    """The documented schema says what `_null_means_default` does: a field that is not
+    required may be null (meaning "not given"), whatever its type."""
+    required = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        if name not in required and not _admits_null(prop):
+            keep = {k: prop.pop(k) for k in ("default", "title", "description") if k in prop}
+            schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **keep}
+
+
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_optional_fields_admit_null)
 
     @model_validator(mode="before")
     @classmethod

@@ -96,6 +96,25 @@ async def test_a_malformed_version_pin_is_a_documented_400():
         assert _ref(doc["paths"]["/v1/models/{model_id}"]["get"]["responses"]["400"]) == ERROR_REF
 
 
+async def test_optional_fields_are_documented_as_nullable_as_they_are_accepted():
+    # Found by schemathesis in the reliability suite: `"ignore_eos": null` was accepted
+    # (null means "not given") while the document said boolean only.
+    async with app_client() as (http, _):
+        doc = (await http.get("/openapi.json")).json()
+        schemas = doc["components"]["schemas"]
+        for name in ("ChatCompletionRequest", "CompletionRequest", "StreamOptions"):
+            schema = schemas[name]
+            for field, prop in schema["properties"].items():
+                if field not in schema.get("required", []):
+                    assert {"type": "null"} in prop.get("anyOf", []), (name, field, prop)
+        assert schemas["ChatCompletionRequest"]["properties"]["model"] == {
+            "maxLength": 256, "minLength": 1, "title": "Model", "type": "string"}  # required: no null
+        r = await http.post("/v1/chat/completions", json={
+            "model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "ignore_eos": None, "n": None, "stream": None, "echo": None})
+        assert r.status_code == 200, r.text
+
+
 async def test_errors_are_json_also_on_text_routes():
     doc = await _doc()
     for status in ("401", "503"):
