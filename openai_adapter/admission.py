@@ -123,6 +123,11 @@ class Admission:
         """Requests waiting for slots (all models)."""
         return sum(len(line.waiters) for line in self.lines.values())
 
+    def full(self, model: str) -> bool:
+        """Every slot of the model is taken."""
+        line = self.lines.get(model)
+        return line is not None and line.used >= line.slots
+
     def line(self, model: str, slots: int) -> _Line:
         line = self.lines.get(model)
         if line is None:

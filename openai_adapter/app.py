@@ -227,6 +227,8 @@ def create_app(settings: Optional[Settings] = None, client: Optional[LLMClient] 
                               slots=_slots(settings, llm))
         if client is None:
             app.state.deps.on_generation_ok = prober.note_success
+            app.state.deps.on_token = prober.note_token
+            prober.slots_full = lambda model: admission.full(model)
             prober.version_for = lambda model: _routed_version(router, pool, model)
         log.info("settings: %s", settings.redacted())
         try:

@@ -38,18 +38,30 @@ class Prober:
     def __init__(self, pool: TritonPool, settings: Settings, metrics: Metrics) -> None:
         self.pool, self.settings, self.metrics = pool, settings, metrics
         self.version_for: Callable[[str], str] = lambda model: ""  # set by the app: the routed version
+        # Set by the app: every slot of the model is taken, so a probe would wait in the
+        # model's queue (and, sent just before its backend process dies, never come back).
+        self.slots_full: Callable[[str], bool] = lambda model: False
         self.last_ok: dict[str, float] = {}  # model -> monotonic time of the last good generation
+        self.last_token: dict[str, float] = {}  # model -> monotonic time of the last token streamed
         self.last_error: dict[str, str] = {}
 
     def note_success(self, model: str) -> None:
         """A request finished normally: as good a proof as a probe."""
         self.last_ok[model] = time.monotonic()
 
+    def note_token(self, model: str) -> None:
+        """A token was streamed: the model works (it proves readiness; it replaces a probe
+        only while every slot is taken, see `_generate`)."""
+        self.last_token[model] = time.monotonic()
+
+    def _proved(self, model: str) -> float:
+        return max(self.last_ok.get(model, -1e9), self.last_token.get(model, -1e9))
+
     def status(self) -> tuple[bool, dict[str, Any]]:
         now = time.monotonic()
         models: dict[str, str] = {}
         for m in self.pool.models():
-            age = now - self.last_ok.get(m.name, -1e9)
+            age = now - self._proved(m.name)
             if age <= self.settings.health_max_age_s or not self.settings.health_probe_generation:
                 models[m.name] = "ready"
             else:
@@ -94,8 +106,14 @@ class Prober:
             await self._generate(ep, model)
 
     async def _generate(self, ep, model: str) -> None:
-        if time.monotonic() - self.last_ok.get(model, -1e9) < self.settings.health_interval_s:
+        now, interval = time.monotonic(), self.settings.health_interval_s
+        if now - self.last_ok.get(model, -1e9) < interval:
             return  # traffic just proved it
+        if self.slots_full(model) and now - self.last_token.get(model, -1e9) < interval:
+            # Streams flow in every slot: a probe would only queue behind them, and one queued
+            # when the backend process dies blocks the prober for health_max_age_s (the
+            # death went unseen for 10 s at 16 streams). Once the tokens stop, probe again.
+            return
         # The version that takes traffic, not a candidate llm-deploy is still validating.
         req = GenerationRequest(model=model, prompt="Hello", max_tokens=1, temperature=0.0,
                                 request_id="health-probe", model_version=self.version_for(model))

@@ -45,6 +45,7 @@ class Deps:
     drain: Drain = field(default_factory=lambda: Drain(30.0))
     slots: Callable[[str], int] = lambda model: 1  # sequences the model runs at once (admission)
     on_generation_ok: Callable[[str], None] = lambda model: None  # real traffic also proves health
+    on_token: Callable[[str], None] = lambda model: None  # so does every token streamed
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -141,6 +142,7 @@ async def choice_events(deps: Deps, index: int, req: GenerationRequest, started:
             else:
                 m.itl.labels(req.model).observe(t - last)
             last = t
+            deps.on_token(req.model)
             pieces += 1
             n_in = chunk.num_input_tokens if chunk.num_input_tokens is not None else n_in
             n_out = chunk.num_output_tokens if chunk.num_output_tokens is not None else n_out

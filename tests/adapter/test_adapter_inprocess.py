@@ -316,3 +316,48 @@ async def test_metrics_exposed():
                      "adapter_e2e_request_latency_seconds_bucket", 'adapter_completion_tokens_total{model="fake"} 3.0',
                      "adapter_prompt_tokens_total", "adapter_requests_in_flight 0.0", "adapter_requests_waiting 0.0"):
             assert name in text, name
+
+
+async def test_every_streamed_token_is_reported_to_health():
+    async with app_client() as (http, _):
+        tokens: list[str] = []
+        http.app.state.deps.on_token = tokens.append
+        async with http.stream("POST", CHAT, json={"model": "fake", "messages": msgs("[[delay=20]]"),
+                                                   "max_tokens": 5, "stream": True}) as r:
+            seen_before_end = 0
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and '"content":"' in line and not seen_before_end:
+                    seen_before_end = len(tokens)
+        assert seen_before_end >= 1 and tokens == ["fake"] * 5
+
+
+async def test_prober_does_not_queue_a_probe_behind_full_slots_while_tokens_flow():
+    # The reliability suite: at 16 streams (every slot of the default model), a probe sent
+    # just before the backend process died waited in the model's queue for 10 s, and the
+    # death went unseen that long. While streams flow in every slot, their tokens prove
+    # the model; a probe is sent once the tokens stop, or while a slot is free.
+    from openai_adapter.health import Prober
+    from openai_adapter.metrics import Metrics
+    from openai_adapter.settings import Settings
+
+    class Pool:
+        sent = 0
+
+        async def _stream(self, ep, req):
+            Pool.sent += 1
+            yield None
+
+    prober = Prober(Pool(), Settings(health_interval_s=0.2), Metrics())
+    full = {"fake": True}
+    prober.slots_full = lambda model: full[model]
+    prober.note_token("fake")
+    await prober._generate(object(), "fake")
+    assert Pool.sent == 0  # slots full, tokens flowing: no probe
+    full["fake"] = False
+    await prober._generate(object(), "fake")
+    assert Pool.sent == 1  # a slot is free: the probe runs at once, as before
+    full["fake"] = True
+    prober.last_ok.clear()
+    await asyncio.sleep(0.25)  # the tokens stopped
+    await prober._generate(object(), "fake")
+    assert Pool.sent == 2
