@@ -12,7 +12,7 @@ LLAMA_VENV := .cache/llama-venv
 LLAMA_SERVER := .cache/llama-server/build/bin/llama-server
 LLAMA_STAMP := $(LLAMA_VENV)/.installed
 
-.PHONY: venv model serve triton test test-fast bench bench-engine llama-venv clean
+.PHONY: venv model serve triton test test-fast bench bench-engine llama-venv reliability clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ test: $(STAMP)
 ## Unit and in-process tests only (no tritonserver, no default-model export).
 test-fast: $(STAMP)
 	$(PY) -m pytest -ra -m "not e2e and not slow"
+
+## The reliability suite against the real stack (make serve's): load, cancellation, faults,
+## schemathesis and hostile input, each part bounded; writes docs/reliability.md and
+## bench/results/reliability-<time>.json (about 8 minutes here; exit 1 if a check failed).
+reliability: $(STAMP)
+	$(PY) -m reliability
 
 ## Benchmark (not a test): the whole stack through the OpenAI API against llama.cpp's own
 ## C++ server (built once from source, about 6 minutes) and transformers, in one run;
