@@ -8,6 +8,7 @@ serving image and has no use for it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -78,10 +79,15 @@ async def generate(client: grpcclient.InferenceServerClient, model: str, prompt:
     res = Result(start=time.perf_counter())
     values.setdefault("stream", True)
 
+    finished = asyncio.Event()
+
     async def requests():
         # the aio client has no enable_empty_final_response argument: the parameter is it
         yield {"model_name": model, "inputs": make_inputs(prompt, **values), "request_id": request_id,
                "parameters": {"triton_enable_empty_final_response": True}}
+        # Our half stays open until the end: a stream closed early leaves Triton 2.51
+        # holding the request, and the model never unloads.
+        await finished.wait()
 
     stream = client.stream_infer(inputs_iterator=requests())
     try:
@@ -118,6 +124,7 @@ async def generate(client: grpcclient.InferenceServerClient, model: str, prompt:
                 stream.cancel()
                 break
     finally:
+        finished.set()
         if not res.final:
             stream.cancel()
     return res

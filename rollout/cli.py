@@ -29,6 +29,9 @@ from .triton_admin import TritonAdmin, TritonError, resolve_servers
 from .validate import check_answers, compare_speed
 
 OK, USAGE, INVALID, SERVER = 0, 2, 3, 4
+# For the speed comparison when neither version recorded answers: a short greedy run.
+_SPEED_PROMPT = {"max_tokens": 32, "match_tokens": 0, "cases": [{"prompt_ids": [1, 2, 3, 4, 5, 6, 7, 8],
+                                                                  "expected_prefix": ""}]}
 # The adapters read routes every ADAPTER_ROUTES_POLL_S (1 s): a pin written before a
 # candidate is loaded must reach them first.
 ADAPTERS_SEE_S = 2.5
@@ -97,20 +100,35 @@ class Deploy:
         requests are done). The repository's config.pbtxt says so first, and the servers
         load from it: the repository stays the truth, also for a server that restarts."""
         from export.publish import set_served_versions
+        config = self.repository / self.model / "config.pbtxt"
+        before = config.read_text()
         set_served_versions(self.repository / self.model, versions)
         try:
             for s in self.servers:
                 s.load(self.model)
         except TritonError as err:
+            # Never leave the store naming a version that cannot load: every Triton that
+            # (re)starts would refuse to come up. Back to what it said, and reload that.
+            config.write_text(before)
+            for s in self.servers:
+                try:
+                    s.load(self.model)
+                except TritonError:
+                    pass
             raise Failed(SERVER, f"loading versions {versions}: {err}") from None
 
-    def current_route(self) -> RouteRow:
-        """The route, written now if the model has none (pinning what serves today)."""
+    def current_route(self, first_ok: bool = False) -> Optional[RouteRow]:
+        """The route, written now if the model has none (pinning what serves today).
+        None (with `first_ok`) when no server has any version of it loaded: a first
+        promotion, after the servers started on a store without this model."""
         route = routes.get(self.engine, self.model)
         if route is not None:
             return route
-        common = set.intersection(*self.loaded().values())
+        loaded = self.loaded()
+        common = set.intersection(*loaded.values())
         if not common:
+            if first_ok and not any(loaded.values()):
+                return None
             raise Failed(USAGE, f"no version of {self.model} is loaded on every server")
         route = RouteRow(self.model, max(common), now_ms())
         routes.put(self.engine, route)
@@ -140,7 +158,9 @@ class Deploy:
 
     def promote(self) -> int:
         a = self.args
-        route = self.current_route()
+        route = self.current_route(first_ok=not a.finish)
+        if route is None:
+            return self.first_promotion()
         if a.finish:
             if route.canary is None:
                 raise Failed(USAGE, f"{self.model} has no canary to finish")
@@ -155,10 +175,7 @@ class Deploy:
         if candidate == route.serving:
             _say(f"{self.model}: version {candidate} already takes the traffic")
             return OK
-        probes = (_manifest(self.repository, self.model, candidate).get("verification") or {}).get("probes")
-        if not probes:
-            raise Failed(USAGE, f"version {candidate} has no recorded answers in its manifest "
-                                "(verification.probes): export it again with this llm-export")
+        probes = self.recorded_answers(candidate)
         keep = [v for v in (route.serving, route.previous) if v is not None]
         _say(f"{self.model}: loading version {candidate} beside {route.serving} on {len(self.servers)} server(s)")
         self.serve_exactly(keep + [candidate])
@@ -167,11 +184,13 @@ class Deploy:
             for s in self.servers:
                 s.wait_ready(self.model, candidate, a.load_timeout)
             for s in self.servers:
-                problems += [f"{s.url}: {p}" for p in check_answers(s.grpc_url, self.model, candidate, probes)]
+                if probes:
+                    problems += [f"{s.url}: {p}" for p in check_answers(s.grpc_url, self.model, candidate, probes)]
             if not problems:
                 s = self.servers[0]
-                slow, figures = compare_speed(s.grpc_url, self.model, route.serving, candidate, probes,
-                                              a.speed_turns, a.max_slowdown)
+                slow, figures = compare_speed(s.grpc_url, self.model, route.serving, candidate,
+                                              probes or self.recorded_answers(route.serving, required=False)
+                                              or _SPEED_PROMPT, a.speed_turns, a.max_slowdown)
                 problems += slow
         except TritonError as err:
             problems.append(str(err))
@@ -184,8 +203,9 @@ class Deploy:
             for p in problems:
                 _say(f"  - {p}")
             return INVALID
-        _say(f"{self.model}: version {candidate} validated: {len(probes['cases'])} recorded answers came back "
-             f"(first {probes['match_tokens']} tokens), speed within {1 + a.max_slowdown:.2f}x")
+        answers = (f"{len(probes['cases'])} recorded answers came back (first {probes['match_tokens']} tokens)"
+                   if probes else "answers NOT checked (--skip-answers)")
+        _say(f"{self.model}: version {candidate} validated: {answers}, speed within {1 + a.max_slowdown:.2f}x")
         if a.canary is not None:
             routes.put(self.engine, RouteRow(self.model, route.serving, route.serving_since_ms, route.previous,
                                              candidate, a.canary, now_ms()))
@@ -196,6 +216,54 @@ class Deploy:
         self.serve_exactly([route.serving, candidate])  # the one before the previous goes
         _say(f"{self.model}: version {candidate} takes the traffic (every adapter within 2 s); version "
              f"{route.serving} stays loaded for `llm-deploy rollback {self.model}`")
+        return OK
+
+    def recorded_answers(self, version: int, required: bool = True) -> Optional[dict]:
+        probes = (_manifest(self.repository, self.model, version).get("verification") or {}).get("probes")
+        if probes or not required:
+            return probes
+        if self.args.skip_answers:
+            _say(f"{self.model}: version {version} has no recorded answers (an export for a GPU cannot be "
+                 "verified on a machine without one): its answers are NOT checked, only its speed")
+            return None
+        raise Failed(USAGE, f"version {version} has no recorded answers in its manifest (verification.probes): "
+                            "export it again with this llm-export, or promote with --skip-answers (an export "
+                            "for a GPU, verified by other means)")
+
+    def first_promotion(self) -> int:
+        """No server has the model loaded (the servers started before it was exported):
+        load the version, check its answers, and give it the traffic."""
+        a = self.args
+        on_disk = versions_on_disk(self.repository, self.model)
+        candidate = a.version if a.version is not None else (max(on_disk) if on_disk else None)
+        if candidate is None or candidate not in on_disk:
+            raise Failed(USAGE, f"version {candidate} of {self.model} is not in {self.repository / self.model}")
+        probes = self.recorded_answers(candidate)
+        config = self.repository / self.model / "config.pbtxt"
+        before = config.read_text()
+        _say(f"{self.model}: no version is loaded yet; loading version {candidate} on {len(self.servers)} server(s)")
+        self.serve_exactly([candidate])
+        problems = []
+        try:
+            for s in self.servers:
+                s.wait_ready(self.model, candidate, a.load_timeout)
+                if probes:
+                    problems += [f"{s.url}: {p}" for p in check_answers(s.grpc_url, self.model, candidate, probes)]
+        except TritonError as err:
+            problems.append(str(err))
+        if problems:
+            config.write_text(before)
+            for s in self.servers:
+                try:
+                    s.unload(self.model)
+                except TritonError:
+                    pass
+            _say(f"{self.model}: version {candidate} REFUSED and unloaded:")
+            for p in problems:
+                _say(f"  - {p}")
+            return INVALID
+        routes.put(self.engine, RouteRow(self.model, candidate, now_ms()))
+        _say(f"{self.model}: version {candidate} takes the traffic (the first version: no speed to compare)")
         return OK
 
     def rollback(self) -> int:
@@ -274,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--version", type=int, help="the version to promote (default: the newest on disk)")
     pr.add_argument("--canary", type=int, metavar="P", choices=range(1, 100), help="send P%% of new requests")
     pr.add_argument("--finish", action="store_true", help="the canary takes all traffic")
+    pr.add_argument("--skip-answers", action="store_true",
+                    help="promote a version without recorded answers (an export for a GPU, which cannot be "
+                         "verified on a machine without one): only its speed is checked")
     pr.add_argument("--max-slowdown", type=float, default=0.5,
                     help="the candidate may be this much slower (0.5: 1.5x the time to first token, 1/1.5 "
                          "the decode rate)")

@@ -89,6 +89,9 @@ class TritonAdmin:
         files and configuration did not change keep serving without a reload."""
         self._call("POST", f"/v2/repository/models/{model}/load", {}, admin=True)
 
+    def unload(self, model: str) -> None:
+        self._call("POST", f"/v2/repository/models/{model}/unload", {}, admin=True)
+
     def load_versions(self, model: str, versions: list[int], config: dict) -> None:
         """Serve exactly these versions: the ones not loaded yet load, the others unload
         once their in-flight requests are done (Triton keeps serving unchanged ones)."""

@@ -54,9 +54,14 @@ async def _one(grpc_url: str, model: str, version: int, prompt_ids: list[int], m
     run, pieces, times, count = Run(), [], [], 0
     start = time.perf_counter()
 
+    finished = asyncio.Event()
+
     async def requests():
         yield {"model_name": model, "model_version": str(version), "inputs": _inputs(prompt_ids, max_tokens),
                "parameters": {"triton_enable_empty_final_response": True}}
+        # Keep our half of the stream open until the final response: a stream closed
+        # early leaves Triton 2.51 holding the request, and the version never unloads.
+        await finished.wait()
 
     try:
         async for result, error in client.stream_infer(inputs_iterator=requests()):
@@ -73,6 +78,7 @@ async def _one(grpc_url: str, model: str, version: int, prompt_ids: list[int], m
             if result.get_response().parameters["triton_final_response"].bool_param:
                 break
     finally:
+        finished.set()
         await client.close()
     run.text = "".join(pieces)
     if times:
