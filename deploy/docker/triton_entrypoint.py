@@ -161,6 +161,10 @@ def command(extra: list[str], env: dict[str, str] | None = None) -> list[str]:
         "--log-info=true",
         "--model-control-mode=explicit",
         "--load-model=*",
+        # A pod stays ready while llm-deploy loads a new version on it (minutes for 8B):
+        # strict readiness would take it out of the headless Service for the whole load.
+        # The HTTP port opens only after the start-up loads, so probes still wait for them.
+        "--strict-readiness=false",
         f"--http-restricted-api=model-repository:{REPOSITORY_KEY_HEADER}={key}",
         f"--grpc-restricted-protocol=model-repository:{REPOSITORY_KEY_HEADER}={key}",
         *extra,
