@@ -59,9 +59,14 @@ def _completion(obj: str, choice: dict[str, Any]) -> dict[str, Any]:
 
 
 _FINISH = {"type": "string", "enum": ["stop", "length"]}
+# With `stream: true`. For an event stream, OpenAPI 3.1's `schema` describes one event
+# (the reading schemathesis and OpenAPI 3.2's `itemSchema` share), not the body as a string.
 _SSE = {"text/event-stream": {"schema": {
-    "type": "string", "description": "with `stream: true`: `data: <chunk JSON>` events, a failure after the first "
-                                     "token as `data: {\"error\": {...}}`, then `data: [DONE]`"}}}
+    "type": "object", "required": ["data"],
+    "description": "one server-sent event: `data: <chunk JSON>`, a failure after the first token as "
+                   "`data: {\"error\": {...}}`, and last `data: [DONE]`",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                   "retry": {"type": "integer"}}}}}
 
 CHAT = {200: {"description": "A chat completion, or its chunks as server-sent events with `stream: true`",
               "content": {"application/json": {"schema": _completion("chat.completion", {

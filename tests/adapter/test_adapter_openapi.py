@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from adapter_testlib import app_client  # type: ignore[import-not-found]
 
 GENERATION_ERRORS = {"400", "401", "404", "408", "413", "429", "500", "503", "504"}
@@ -113,6 +115,24 @@ async def test_optional_fields_are_documented_as_nullable_as_they_are_accepted()
             "model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
             "ignore_eos": None, "n": None, "stream": None, "echo": None})
         assert r.status_code == 200, r.text
+
+
+async def test_stream_events_match_the_documented_event_schema():
+    # Found by schemathesis in the reliability suite: the document described the event
+    # stream as one string, while each event is {data, event, ...}.
+    import jsonschema
+    async with app_client() as (http, _):
+        doc = (await http.get("/openapi.json")).json()
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                           ("/v1/completions", {"prompt": "hi"})):
+            schema = doc["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+            r = await http.post(path, json={"model": "fake", "max_tokens": 3, "stream": True, **body})
+            events = [{"data": line[6:]} for line in r.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == {"data": "[DONE]"} and len(events) >= 3
+            for event in events:
+                jsonschema.validate(event, schema)
+            with pytest.raises(jsonschema.ValidationError):
+                jsonschema.validate(r.text, schema)
 
 
 async def test_errors_are_json_also_on_text_routes():
