@@ -246,7 +246,7 @@ class Probe:
     base: str
     model: str
     interval: float = 0.25
-    timeout: float = 10.0
+    timeout: float = 30.0  # a slow answer is recorded with its time, not as a hang
     outcomes: list[Outcome] = field(default_factory=list)
     _task: Optional[asyncio.Task] = None
 

@@ -40,7 +40,7 @@ class Profile:
 
 FULL = Profile(
     name="full", load_clients=64, load_s=60, load_max_tokens=64, flood_streams=200, flood_concurrency=32,
-    fault_clients=16, fault_short_tokens=96, fault_long_tokens=1500, grace_s=10, body_timeout_s=30,
+    fault_clients=16, fault_short_tokens=64, fault_long_tokens=1500, grace_s=10, body_timeout_s=30,
     fuzz_examples=300, fuzz_timeout_s=300, request_timeout_s=120, recover_timeout_s=90, settle_timeout_s=15,
     ttft_p99_target_s=2.0, part_budget_s=300)
 
