@@ -88,7 +88,7 @@ def summarize(results: list[dict], elapsed: float, output_len: int) -> dict:
     ttft = [r["times"][0] - r["start"] for r in ok]
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
     return {"requests": len(results), "errors": len(results) - len(ok),
-            "statuses": sorted({r.get("status") for r in results}),
+            "statuses": sorted({str(r.get("status")) for r in results}),
             "tok_s": round(len(ok) * output_len / elapsed, 1),
             "ttft_p50_ms": round(pct(ttft, 50) * 1000, 1) if ttft else None,
             "ttft_p99_ms": round(pct(ttft, 99) * 1000, 1) if ttft else None,
@@ -182,8 +182,10 @@ def run(args) -> dict:
         triton.stop()
 
     if BINARY.exists():
+        # One HTTP thread per client: its default pool is smaller than 64 connections.
         server = LlamaServer(fetch_default_gguf(), free_port(), os.cpu_count() or 2, max(levels),
-                             args.prompt_len + args.output_len + 64, tmp / "llama-server.log")
+                             args.prompt_len + args.output_len + 64, tmp / "llama-server.log",
+                             extra=["--threads-http", str(max(levels) + 4)])
         report["llama_server"] = {"command": " ".join(server.command[1:]).replace(str(fetch_default_gguf()),
                                                                                   "SmolLM2-135M-Instruct.Q4_1.gguf"),
                                   "forced_off": "nothing"}
