@@ -271,9 +271,10 @@ class Probe:
 
     def recovery(self, fault_at: float) -> dict[str, Any]:
         """After the fault: how soon the first refusal came, and when answers came back for
-        good (the first complete answer sent after the last failed one)."""
+        good (the first complete answer sent after the last failed one). A 429 is no
+        failure: the service answers, at capacity (the fault's clients fill the slots)."""
         after = [o for o in self.outcomes if o.started >= fault_at]
-        failed = [o for o in after if o.kind != "complete"]
+        failed = [o for o in after if o.kind != "complete" and not (o.ok and o.status == 429)]
         first_fail = min((o.ended for o in failed), default=None)
         last_fail = max((o.started for o in failed), default=fault_at)
         back = min((o.ended for o in after if o.kind == "complete" and o.started >= last_fail), default=None)

@@ -73,7 +73,8 @@ async def schemathesis_run(stack: ServeStack, p: Profile) -> dict[str, Any]:
     errors = doc.get("errors", [])
     output = out_path.read_text(errors="replace")
     result = {
-        "command": " ".join(["schemathesis", *cmd[3:]]).replace(stack.url, "http://ADAPTER"),
+        "command": " ".join(["schemathesis", *cmd[3:]]).replace(stack.url, "http://ADAPTER")
+                                                           .replace(str(report), "REPORT.json"),
         "seconds": round(seconds, 1), "exit_code": proc.returncode,
         "test_cases": (doc.get("test_cases") or {}).get("generated"), "requests": len(statuses),
         "statuses": dict(sorted(count(line.rsplit(" ", 1)[1] for line in statuses).items())),

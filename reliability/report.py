@@ -46,14 +46,14 @@ def render(r: dict[str, Any], command: str) -> str:
     targets = [c for c in r["checks"] if c["target"]]
     failed = [c for c in guarantees if not c["ok"]]
     load = r.get("machine_load", {})
-    busy = sorted({b for v in load.values() for b in v.get("busy", [])})
+    busy = [f"{part}: " + ", ".join(f"`{b}`" for b in v["busy"]) for part, v in load.items() if v.get("busy")]
     out = ["# Reliability under load, faults and hostile input", "", INTRO,
            f"**Run** {r['date']}, commit {r['commit']}, `{command}`, {r['seconds'] / 60:.1f} min "
            f"(profile `{p['name']}`).  ",
            f"**Machine** {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, Python {m['python']}.  ",
            f"**What else ran** load average (1 min) at the start of each part: "
            + ", ".join(f"{k} {v['loadavg_1m']}" for k, v in load.items()) + "."
-           + (" Other processes over 15% CPU then: " + "; ".join(f"`{b}`" for b in busy) + "." if busy else ""),
+           + (" Other processes over 15% CPU then (1 s sample): " + "; ".join(busy) + "." if busy else ""),
            "",
            f"**Stack** `{r['stack']['command']}` with its defaults except "
            + ", ".join(f"`{k}={v}`" for k, v in r["stack"]["settings"].items())

@@ -70,16 +70,17 @@ def others(stack: ServeStack, interval: float = 1.0) -> dict[str, Any]:
         except psutil.Error:
             pass
     time.sleep(interval)
-    busy = []
+    busy: dict[str, list[float]] = {}
     for p in procs:
         try:
             pct = p.cpu_percent(None)
             if pct >= 15:
-                busy.append((pct, " ".join(p.cmdline())[:90] or p.name()))
+                busy.setdefault(" ".join(p.cmdline())[:90] or p.name(), []).append(pct)
         except psutil.Error:
             pass
     return {"loadavg_1m": round(os.getloadavg()[0], 2),
-            "busy": [f"{pct:.0f}% {cmd}" for pct, cmd in sorted(busy, reverse=True)[:5]]}
+            "busy": [f"{cmd} ({len(pcts)} x, {sum(pcts):.0f}% CPU)" if len(pcts) > 1 else f"{cmd} ({pcts[0]:.0f}% CPU)"
+                     for cmd, pcts in sorted(busy.items(), key=lambda kv: -sum(kv[1]))[:5]]}
 
 
 async def run_suite(p: Profile, workdir: Path, parts: Optional[list[str]] = None,
