@@ -21,6 +21,35 @@ that stopped without `[DONE]`), `dropped` (the connection closed before any answ
 """
 
 
+READING = """\
+## Reading the figures
+
+- **A process killed can say nothing.** The clients of a SIGKILLed adapter see their streams
+  cut (the OpenAI SDK raises a connection error); the requests are settled in the accounts as
+  `crash_recovered` when make serve has started the adapter again. While it restarts (back-off
+  1 s, then 2 s, ...), nothing listens on the port: `refused`. Behind a load balancer with
+  several adapters, those connections go to the others.
+- **The drain** (SIGTERM) answers new requests with 503 `shutting_down` (`Retry-After`,
+  `Connection: close`) until the streams in flight have ended: the short ones run to their
+  end, the long ones get an error event and `[DONE]` a margin before the grace period's end.
+  The service answers again once the old process has exited and make serve has started the
+  new one.
+- **A dead backend process** is noticed from Triton's answer to a new request ("stub is not
+  healthy", about 1 s after it is sent). With every slot streaming, the adapter's prober sends
+  that request once the tokens have stopped for one probe interval (1 s): in all about 2.5-3 s,
+  over the issue's 2 s (it was 10 s before the prober stopped queueing probes behind busy slots).
+  Triton 2.51 itself aborts now and then when the stub dies (`boost::interprocess::lock_exception`
+  in the Python backend); then the clients get what a dead tritonserver gives, and make serve
+  starts it again.
+- **Times in seconds move with the machine's load** (2 cores, shared): time to first token and
+  the times to notice a fault are targets, reported, not failing the run.
+- **Memory**: the backend process's resident memory grows as sequences reach further into its
+  KV cache, whose pages are mapped only when first used (`llm_backend/decoder.py`; 16 slots x
+  2048 tokens for the default model): the fault parts' 1500-token streams reach furthest.
+  tritonserver grows by the buffers of the 3.8 MB prompts (hostile part).
+"""
+
+
 def _f(v: Any, unit: str = "") -> str:
     if v is None:
         return "-"
@@ -67,6 +96,7 @@ def render(r: dict[str, Any], command: str) -> str:
              "failing the run): " + "; ".join(f"{c['part']}: {c['check']}: {c['detail']} "
                                               f"({'met' if c['ok'] else 'missed'})" for c in targets) + ".",
            ""]
+    out += [READING]
     parts = r["parts"]
     if "load" in parts and "answers" in parts["load"]:
         out += _load(parts["load"])
