@@ -35,8 +35,9 @@ READING = """\
   The service answers again once the old process has exited and make serve has started the
   new one.
 - **A dead backend process** is noticed from Triton's answer to a new request ("stub is not
-  healthy", about 1 s after it is sent). With every slot streaming, the adapter's prober sends
-  that request once the tokens have stopped for one probe interval (1 s): in all about 2.5-3 s,
+  healthy", about 1 s after it is sent): about 1 s when a client's request reaches Triton soon
+  after the death (a slot was free), 2.5-3 s when every slot is streaming, since the adapter's
+  prober then sends its probe only once the tokens have stopped for one probe interval (1 s),
   over the issue's 2 s (it was 10 s before the prober stopped queueing probes behind busy slots).
   Triton 2.51 itself aborts now and then when the stub dies (`boost::interprocess::lock_exception`
   in the Python backend); then the clients get what a dead tritonserver gives, and make serve
