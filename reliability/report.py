@@ -129,6 +129,9 @@ def _load(d: dict) -> list[str]:
             *[f"| {label} | {n} |" for label, n in d["answers"].items()], "",
             "| seconds | p50 | p90 | p99 |", "|---|---|---|---|",
             f"| time to first token, admitted requests | {_f(t['p50'])} | {_f(t['p90'])} | {_f(t['p99'])} |",
+            *([f"| the same, sent after the first {d['ramp_s']:g} s (all clients arrive at once at the start) | "
+               f"{_f(ts['p50'])} | {_f(ts['p90'])} | {_f(ts['p99'])} |"]
+              if (ts := d.get("ttft_admitted_after_ramp_s")) else []),
             f"| whole answer, admitted requests | {_f(lat['p50'])} | {_f(lat['p90'])} | {_f(lat['p99'])} |",
             f"| answer of a 429 | {_f(l429['p50'])} | {_f(l429['p90'])} | {_f(l429['p99'])} |", "",
             f"{d['content_chunks_per_s']} content chunks a second in all; `Retry-After` of the 429s: "
