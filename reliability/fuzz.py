@@ -39,7 +39,7 @@ SEED = 14
 def command(stack: ServeStack, p: Profile, report: Path) -> list[str]:
     return [sys.executable, "-m", "schemathesis.cli", "run", f"{stack.url}/openapi.json",
             "--checks", CHECKS, "--max-examples", str(p.fuzz_examples), "--seed", str(SEED),
-            "--workers", "1", "--request-timeout", "60",
+            "--workers", "1", "--request-timeout", "60", "--generation-database", "none",
             "--report", "json", "--report-json-path", str(report), "--no-color", "--output-truncate", "true"]
 
 
@@ -54,7 +54,8 @@ async def schemathesis_run(stack: ServeStack, p: Profile) -> dict[str, Any]:
     t = time.monotonic()
     out_path = stack.workdir / "schemathesis.out"
     with open(out_path, "wb") as out:
-        proc = await asyncio.create_subprocess_exec(*cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=out)
+        # In the work directory: schemathesis keeps its cache (.schemathesis/) where it runs.
+        proc = await asyncio.create_subprocess_exec(*cmd, cwd=stack.workdir, env=env, stdout=out, stderr=out)
         try:
             await asyncio.wait_for(proc.wait(), p.fuzz_timeout_s)
         except TimeoutError:
