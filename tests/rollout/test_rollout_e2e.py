@@ -173,7 +173,7 @@ async def test_promote_under_load_rollback_refuse_retire(stack):
         streams = [asyncio.ensure_future(pinned()) for _ in range(8)]
         await asyncio.sleep(0.2)
         retire_started = time.monotonic()
-        retired = await asyncio.to_thread(stack.deploy, "--timeout", "60", "retire", MODEL)
+        retired = await asyncio.to_thread(stack.deploy, "--timeout", "20", "retire", MODEL)
         assert retired.returncode == 0, retired.stdout + retired.stderr
         done = await asyncio.gather(*streams)
         assert all(r["status"] == 200 and r["done"] and r["error"] is None and r["version"] == "2" for r in done)
