@@ -385,16 +385,6 @@ async def execute(deps: Deps, raw: Request, reqs: list[GenerationRequest], n: in
             acct.first_at = time.monotonic()
         except StopAsyncIteration:
             first = None
-        except ClientGone:
-            acct.outcome = "cancelled"
-            return JSONResponse({}, status_code=499)  # nobody reads it; logged as 499
-        except OpenAIError as err:
-            acct.outcome = "failed"
-            err.extra_headers.update(headers)
-            raise
-        except BaseException:
-            acct.outcome = "failed"
-            raise
         if stream:
             handed_over = True
             return sse.SSEResponse(_stream_body(first, events, fmt, tally, deadline, settings, acct, deps.drain),
@@ -407,19 +397,20 @@ async def execute(deps: Deps, raw: Request, reqs: list[GenerationRequest], n: in
                 _apply(choices[ev.index], ev, tally)
                 ev = await anext(events, None)
 
-        try:
-            await guarded(raw, collect(), deadline, settings.request_timeout_s, **guard)
-        except ClientGone:
-            acct.outcome = "cancelled"
-            return JSONResponse({}, status_code=499)
-        except OpenAIError as err:
-            acct.outcome = "failed"
-            err.extra_headers.update(headers)
-            raise
-        except BaseException:
-            acct.outcome = "failed"
-            raise
+        await guarded(raw, collect(), deadline, settings.request_timeout_s, **guard)
         return JSONResponse(fmt.full(choices, tally.usage()), headers=headers)
+    # Before the first event or while collecting a whole answer; a stream's own ending is
+    # recorded by _stream_body.
+    except ClientGone:
+        acct.outcome = "cancelled"
+        return JSONResponse({}, status_code=499)  # nobody reads it; logged as 499
+    except OpenAIError as err:
+        acct.outcome = "failed"
+        err.extra_headers.update(headers)
+        raise
+    except BaseException:
+        acct.outcome = "failed"
+        raise
     finally:
         if not handed_over:
             await events.aclose()
