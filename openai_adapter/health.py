@@ -96,6 +96,12 @@ class Prober:
             self.metrics.circuit_open.labels(ep.grpc_url).set(1)
             return
         was_open = ep.breaker.is_open
+        if ep.breaker.may_close and self.settings.health_probe_generation and ep.ready:
+            # Close it only once the endpoint generates: a restarted Triton answers HTTP while
+            # our gRPC channel may still wait out its reconnect backoff, and requests sent
+            # there meanwhile would all fail over to the other endpoints.
+            if not await self._generate(ep, sorted(ep.ready)[0], force=True):
+                return
         ep.breaker.probe_succeeded()
         if was_open and not ep.breaker.is_open:
             log.info("Triton %s answers again: circuit closed", ep.http_url)
@@ -105,15 +111,17 @@ class Prober:
         for model in sorted(ep.ready):
             await self._generate(ep, model)
 
-    async def _generate(self, ep, model: str) -> None:
+    async def _generate(self, ep, model: str, force: bool = False) -> bool:
+        """One-token generation on `ep` (skipped, unless forced, while traffic proves the
+        model); whether it worked."""
         now, interval = time.monotonic(), self.settings.health_interval_s
-        if now - self.last_ok.get(model, -1e9) < interval:
-            return  # traffic just proved it
-        if self.slots_full(model) and now - self.last_token.get(model, -1e9) < interval:
+        if not force and now - self.last_ok.get(model, -1e9) < interval:
+            return True  # traffic just proved it
+        if not force and self.slots_full(model) and now - self.last_token.get(model, -1e9) < interval:
             # Streams flow in every slot: a probe would only queue behind them, and one queued
             # when the backend process dies blocks the prober for health_max_age_s (the
             # death went unseen for 10 s at 16 streams). Once the tokens stop, probe again.
-            return
+            return True
         # The version that takes traffic, not a candidate llm-deploy is still validating.
         req = GenerationRequest(model=model, prompt="Hello", max_tokens=1, temperature=0.0,
                                 request_id="health-probe", model_version=self.version_for(model))
@@ -133,4 +141,6 @@ class Prober:
             self.last_error[model] = f"{type(err).__name__}: {err}"[:200]
         if ok:
             self.last_ok[model] = time.monotonic()
-        self.metrics.model_ready.labels(model).set(1 if ok else 0)
+        if ok or not force:  # one endpoint not back yet says nothing of the model elsewhere
+            self.metrics.model_ready.labels(model).set(1 if ok else 0)
+        return ok

@@ -114,9 +114,14 @@ class CircuitBreaker:
     def record_success(self) -> None:
         self.failures = 0
 
+    @property
+    def may_close(self) -> bool:
+        """Open for at least `open_s`: a good probe may close it now."""
+        return self.opened_at is not None and time.monotonic() - self.opened_at >= self.open_s
+
     def probe_succeeded(self) -> None:
         self.failures = 0
-        if self.opened_at is not None and time.monotonic() - self.opened_at >= self.open_s:
+        if self.may_close:
             self.opened_at = None
 
 
