@@ -8,6 +8,9 @@ every replica while different keys proceed in parallel.
 """
 from __future__ import annotations
 
+import itertools
+import sqlite3
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -50,10 +53,20 @@ def _sqlite_engine(url: sa.URL) -> sa.Engine:
     @sa.event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record) -> None:
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        # Switching to WAL takes an exclusive lock and SQLite answers "database is locked"
+        # at once instead of waiting (no busy handler): replicas starting together on a new
+        # file hit it, so wait for the lock here.
+        for attempt in itertools.count():
+            try:
+                cur.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or attempt >= 600:
+                    raise
+                time.sleep(0.05)
         cur.execute("PRAGMA synchronous=FULL")
         cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
         cur.close()
 
     @sa.event.listens_for(engine, "begin")
