@@ -44,6 +44,8 @@ class Prober:
         self.last_ok: dict[str, float] = {}  # model -> monotonic time of the last good generation
         self.last_token: dict[str, float] = {}  # model -> monotonic time of the last token streamed
         self.last_error: dict[str, str] = {}
+        self._silence_probes: dict[tuple[str, str], asyncio.Task] = {}
+        self._silence_probed: dict[tuple[str, str], float] = {}
 
     def note_success(self, model: str) -> None:
         """A request finished normally: as good a proof as a probe."""
@@ -72,15 +74,56 @@ class Prober:
         return ready, {"models": models, "circuits": endpoints}
 
     async def run(self) -> None:
+        watch = self.settings.health_probe_generation and self.settings.silence_probe_s > 0
+        watcher = asyncio.ensure_future(self._watch_silence()) if watch else None
+        try:
+            while True:
+                try:
+                    await self.probe_once()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the prober must never die
+                    log.exception("health probe failed")
+                fast = any(ep.breaker.is_open or not ep.reachable for ep in self.pool.endpoints)
+                await asyncio.sleep(min(self.settings.health_interval_s, 0.25) if fast
+                                    else self.settings.health_interval_s)
+        finally:
+            tasks = ([watcher] if watcher else []) + list(self._silence_probes.values())
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch_silence(self) -> None:
+        """Streams are open on an endpoint and it has said nothing for `silence_probe_s`:
+        send it a probe now, not at the next tick. Triton tells nobody that a model's
+        backend process died (its streams just stop), but it answers a new request for the
+        model "not healthy" within about a second, and that answer ends the streams
+        (`TritonPool.backend_died`). One probe at a time per endpoint and model, at most
+        one a second: a long prefill is silence too, and costs only that probe."""
+        silence = self.settings.silence_probe_s
         while True:
-            try:
-                await self.probe_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # the prober must never die
-                log.exception("health probe failed")
-            fast = any(ep.breaker.is_open or not ep.reachable for ep in self.pool.endpoints)
-            await asyncio.sleep(min(self.settings.health_interval_s, 0.25) if fast else self.settings.health_interval_s)
+            await asyncio.sleep(min(0.1, silence / 3))
+            now = time.monotonic()
+            for ep in list(self.pool.endpoints):
+                for model, n in list(ep.streams.items()):
+                    key = (ep.grpc_url, model)
+                    if (n and model not in ep.broken and now - ep.last_heard.get(model, now) >= silence
+                            and key not in self._silence_probes
+                            and now - self._silence_probed.get(key, -1e9) >= 1.0):
+                        self._silence_probes[key] = asyncio.ensure_future(self._silence_probe(ep, model, key))
+
+    async def _silence_probe(self, ep, model: str, key: tuple[str, str]) -> None:
+        req = GenerationRequest(model=model, prompt="Hello", max_tokens=1, temperature=0.0,
+                                request_id="silence-probe", model_version=self.version_for(model))
+        try:
+            async with asyncio.timeout(self.settings.health_max_age_s):
+                async for _ in self.pool._stream(ep, req):
+                    pass
+        except Exception as err:  # a dead backend process was handled inside _stream
+            log.debug("silence probe of %s on %s: %s: %s", model, ep.grpc_url, type(err).__name__, err)
+        finally:
+            self._silence_probes.pop(key, None)
+            self._silence_probed[key] = time.monotonic()
 
     async def probe_once(self) -> None:
         await asyncio.gather(*(self._probe_endpoint(i) for i in range(len(self.pool.endpoints))))

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     max_n: int = _env("ADAPTER_MAX_N", "max_n", 8, ge=1)
     # 1 s: a backend process that dies is found by the next probe (Triton answers it at once).
     health_interval_s: float = _env("ADAPTER_HEALTH_INTERVAL_S", "health_interval_s", 1.0, ge=0)
+    # Streams open on an endpoint and nothing heard from it for this long: probe it at once
+    # (a dead backend process shows only as silence; 0: only the regular probes).
+    silence_probe_s: float = _env("ADAPTER_SILENCE_PROBE_S", "silence_probe_s", 0.3, ge=0)
     health_max_age_s: float = _env("ADAPTER_HEALTH_MAX_AGE_S", "health_max_age_s", 10.0)
     health_probe_generation: bool = _env("ADAPTER_HEALTH_PROBE_GENERATION", "health_probe_generation", True)
     upstream_timeout_s: float = _env("ADAPTER_UPSTREAM_TIMEOUT_S", "upstream_timeout_s", 5.0)

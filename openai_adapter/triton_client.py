@@ -156,6 +156,10 @@ class Endpoint:
         self.aborts: dict[str, asyncio.Event] = {}
         self.recovery: Optional[asyncio.Task] = None
         self.versions: dict[str, str] = {}  # model -> versions seen, to re-read a reloaded config
+        # model -> streams open here, and when the last of them heard anything: a silence
+        # while streams are open is how a dead backend process shows (Triton tells nobody).
+        self.streams: dict[str, int] = {}
+        self.last_heard: dict[str, float] = {}
         self.reachable = False
         self.grpc = grpcclient.InferenceServerClient(grpc_url, channel_args=_GRPC_CHANNEL_ARGS)
         host = http_url.split("://", 1)[-1].rstrip("/")
@@ -490,6 +494,9 @@ class TritonPool:
             await done.wait()  # keep our half open until the final response came
 
         ep.in_flight += 1
+        if not ep.streams.get(request.model):
+            ep.last_heard[request.model] = time.monotonic()
+        ep.streams[request.model] = ep.streams.get(request.model, 0) + 1
         finished = False
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         stream = ep.grpc.stream_infer(inputs_iterator=requests())
@@ -501,6 +508,7 @@ class TritonPool:
             while True:
                 try:
                     result, error = await stream.__anext__()
+                    ep.last_heard[request.model] = time.monotonic()
                 except asyncio.CancelledError:
                     if aborted.is_set():
                         finished = True
@@ -550,5 +558,6 @@ class TritonPool:
             watcher.cancel()
             done.set()
             ep.in_flight -= 1
+            ep.streams[request.model] -= 1
             if not finished:
                 stream.cancel()  # client gone, deadline, or stop found here: free the model's slot

@@ -100,6 +100,7 @@ async def run_fault(stack: ServeStack, p: Profile, fault: Fault) -> dict[str, An
         if fault.role == "adapter" and fault.sig == "terminate":
             info["exit_s"] = round(await asyncio.to_thread(_wait_exit, victim, p.grace_s + 30) - marks["fault"], 2)
         phase["long"] = False
+        watch_triton = asyncio.ensure_future(_triton_not_ready(stack, marks)) if fault.role == "stub" else None
         # Healed: answered again after the last failure, and ready.
         deadline = marks["fault"] + p.recover_timeout_s
         while time.monotonic() < deadline:
@@ -109,6 +110,9 @@ async def run_fault(stack: ServeStack, p: Profile, fault: Fault) -> dict[str, An
                     marks.setdefault("ready", time.monotonic())
                     break
             await asyncio.sleep(0.25)
+        if watch_triton is not None:
+            watch_triton.cancel()
+            await asyncio.gather(watch_triton, return_exceptions=True)
         await asyncio.sleep(AFTER_S)
 
     outcomes = await clients.run(p.fault_clients, scenario, drain_timeout=p.request_timeout_s)
@@ -132,6 +136,7 @@ async def run_fault(stack: ServeStack, p: Profile, fault: Fault) -> dict[str, An
         "in_flight_ended_s": None if ended_by is None else round(ended_by, 2),
         **rec,
         "ready_again_s": round(marks["ready"] - fault_at, 2) if "ready" in marks else None,
+        "triton_not_ready_s": round(marks["triton_not_ready"] - fault_at, 2) if "triton_not_ready" in marks else None,
         "restarted_by_make_serve": stack.restarts() - restarts_before, "process_replaced": replaced,
         "idle_after_s": None if idle_s is None else round(idle_s, 2), "gauges_after": gauges,
         "open_reservations": ledger.get("open_reservations"),
@@ -180,6 +185,8 @@ def _checks(fault: Fault, p: Profile, r: dict, in_flight: list[Outcome], after: 
         checks.append(check("the model serves again within 30 s",
                             r["served_again_s"] is not None and r["served_again_s"] <= 30, f"{r['served_again_s']} s"))
         checks.append(check("a new backend process", r["process_replaced"]))
+        checks.append(check("Triton's own model readiness said not ready before the model was back",
+                            r["triton_not_ready_s"] is not None, f"{r['triton_not_ready_s']} s"))
     if fault.name == "backend_killed" and r["restarted_by_make_serve"]:
         checks.append(check("tritonserver aborted on the stub's death; make serve started it again",
                             r["process_replaced"], r["restarted_by_make_serve"]))
@@ -203,6 +210,14 @@ def _checks(fault: Fault, p: Profile, r: dict, in_flight: list[Outcome], after: 
         checks.append(check(f"the adapter exited within the grace period ({p.grace_s:g} s) + 2 s",
                             r.get("exit_s") is not None and r["exit_s"] <= p.grace_s + 2, f"{r.get('exit_s')} s"))
     return checks
+
+
+async def _triton_not_ready(stack: ServeStack, marks: dict[str, float]) -> None:
+    """Mark when Triton's own readiness of the model first says no (its probe in Kubernetes)."""
+    while "triton_not_ready" not in marks:
+        if await asyncio.to_thread(stack.triton_model_ready) is False:
+            marks["triton_not_ready"] = time.monotonic()
+        await asyncio.sleep(0.1)
 
 
 def _wait_exit(proc: psutil.Process, timeout: float) -> float:

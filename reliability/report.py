@@ -34,11 +34,12 @@ READING = """\
   end, the long ones get an error event and `[DONE]` a margin before the grace period's end.
   The service answers again once the old process has exited and make serve has started the
   new one.
-- **A dead backend process** is noticed from Triton's answer to a new request ("stub is not
-  healthy", about 1 s after it is sent): about 1 s when a client's request reaches Triton soon
-  after the death (a slot was free), 2.5-3 s when every slot is streaming, since the adapter's
-  prober then sends its probe only once the tokens have stopped for one probe interval (1 s),
-  over the issue's 2 s (it was 10 s before the prober stopped queueing probes behind busy slots).
+- **A dead backend process** shows only as silence: its streams stop and Triton tells nobody,
+  but it answers a new request for the model "stub is not healthy" about 1 s after it is
+  sent (the Python backend waits 1 s for the stub's heartbeat). The adapter sends such a probe
+  as soon as an endpoint with open streams has been silent for `ADAPTER_SILENCE_PROBE_S`
+  (0.3 s), so the streams end about 1.5 s after the death; then it unloads and loads the
+  model (Triton's own model readiness says no from the unload on).
   Triton 2.51 itself aborts now and then when the stub dies (`boost::interprocess::lock_exception`
   in the Python backend); then the clients get what a dead tritonserver gives, and make serve
   starts it again.
@@ -174,6 +175,9 @@ def _faults(faults: dict[str, dict]) -> list[str]:
         if d.get("restarted_by_make_serve"):
             extra.append("make serve restarted " + ("tritonserver, which aborted when the stub died"
                                                     if name == "backend_killed" else "it"))
+        if d.get("triton_not_ready_s") is not None:
+            extra.append(f"Triton's own readiness of the model (`/v2/models/NAME/ready`) said no "
+                         f"{d['triton_not_ready_s']} s after the kill")
         if d.get("exit_s") is not None:
             extra.append(f"the adapter exited {d['exit_s']} s after the signal")
         if d.get("crash_recovered"):

@@ -141,6 +141,13 @@ class ServeStack:
         except httpx.HTTPError:
             return False
 
+    def triton_model_ready(self) -> Optional[bool]:
+        """Triton's own readiness of the model (what a probe on Triton sees); None: no answer."""
+        try:
+            return httpx.get(f"{self.triton_url}/v2/models/{self.model}/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return None
+
     def wait_ready(self, timeout: float) -> Optional[float]:
         t = time.monotonic()
         while not self.ready():
