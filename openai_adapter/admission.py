@@ -146,6 +146,24 @@ class Admission:
         return decide(remaining=remaining, queued=line.queued, waiters=len(line.waiters), weight=weight,
                       slots=line.slots, duration=d, max_wait_s=self.max_wait_s, max_waiting=self.max_waiting)
 
+    def refuse_if_full(self, model: str, slots: int, weight: int = 1) -> None:
+        """Raise the 429 that `acquire` would raise now, taking nothing: callers check this
+        before their own costly steps (the accounts' reservation, two transactions), so a
+        burst of refused requests costs next to nothing."""
+        line = self.line(model, slots)
+        d = self.decide(model, slots, max(1, min(weight, line.slots)))
+        if d.action == "refuse":
+            self._refuse(line, d)
+
+    def _refuse(self, line: _Line, d: Decision):
+        ra = d.retry_after(self.retry_after)
+        why = ("no request of this model has finished yet, so there is no wait estimate"
+               if d.wait_s is None else
+               f"the expected wait of {d.wait_s:.1f} s is over the {self.max_wait_s:g} s bound"
+               if d.wait_s > self.max_wait_s else f"{len(line.waiters)} requests are waiting already")
+        raise over_capacity(f"the model {line.model!r} is at capacity ({line.used} of {line.slots} sequences "
+                            f"running, {len(line.waiters)} requests waiting; {why}); retry after {ra} s", ra)
+
     async def acquire(self, model: str, slots: int, weight: int = 1) -> Ticket:
         """A place in the model for `weight` sequences; raises 429 when the wait would be too long."""
         line = self.line(model, slots)
@@ -154,13 +172,7 @@ class Admission:
         if d.action == "run":
             return self._admit(line, weight)
         if d.action == "refuse":
-            ra = d.retry_after(self.retry_after)
-            why = ("no request of this model has finished yet, so there is no wait estimate"
-                   if d.wait_s is None else
-                   f"the expected wait of {d.wait_s:.1f} s is over the {self.max_wait_s:g} s bound"
-                   if d.wait_s > self.max_wait_s else f"{len(line.waiters)} requests are waiting already")
-            raise over_capacity(f"the model {model!r} is at capacity ({line.used} of {line.slots} sequences "
-                                f"running, {len(line.waiters)} requests waiting; {why}); retry after {ra} s", ra)
+            self._refuse(line, d)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         entry = (weight, fut)
         line.waiters.append(entry)

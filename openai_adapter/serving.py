@@ -344,6 +344,10 @@ async def execute(deps: Deps, raw: Request, reqs: list[GenerationRequest], n: in
     deadline = loop.time() + settings.request_timeout_s
     started = time.monotonic()
     reserve = reserve_for([prompt_bytes(r.prompt) for r in reqs], [r.max_tokens for r in reqs], max_model_len)
+    if principal(raw).key_id is None:
+        # No key of the accounts, so no x-ratelimit headers to give: at capacity, the 429
+        # comes before the ledger's reservation and its release (two transactions).
+        deps.admission.refuse_if_full(reqs[0].model, deps.slots(reqs[0].model), len(reqs))
     admitted = await deps.accounts.admit(principal(raw), fmt.id, reqs[0].model, reserve)
     headers = dict(admitted.headers)
     if reqs[0].model_version:

@@ -131,6 +131,21 @@ async def test_admission_refuses_with_the_expected_wait_as_retry_after():
     assert a.in_flight == 0
 
 
+async def test_refuse_if_full_raises_what_acquire_would_and_takes_nothing():
+    clock = Clock()
+    a = Admission(max_wait_s=1.0, max_waiting=64, clock=clock)
+    a.refuse_if_full("m", slots=1)  # a slot is free: no answer yet
+    first = await a.acquire("m", slots=1)
+    with pytest.raises(OpenAIError) as early:  # no estimate yet: beyond the slots it is 429
+        a.refuse_if_full("m", slots=1)
+    with pytest.raises(OpenAIError) as late:
+        await a.acquire("m", slots=1)
+    assert (early.value.status, early.value.code, early.value.message) == \
+        (late.value.status, late.value.code, late.value.message) == (429, "over_capacity", late.value.message)
+    assert (a.in_flight, a.waiting, a.lines["m"].queued) == (1, 0, 0)
+    a.release(first)
+
+
 async def test_admission_waiter_cancelled_just_as_it_got_the_slot_gives_it_back():
     clock = Clock()
     a = Admission(max_wait_s=10.0, max_waiting=8, clock=clock)
