@@ -7,7 +7,8 @@ seconds apart, at each concurrency:
     ours (OpenAI API)   tritonserver + the adapter, as `make serve` runs them
     ours (gRPC)         the model directly over Triton's gRPC stream: the adapter's cost
     llama-server        llama.cpp's C++ server (bench/llama_server.py), its OpenAI API,
-                        one slot per client, repacking and continuous batching on
+                        a fresh server per concurrency with one slot per client,
+                        repacking and continuous batching on
     transformers        `generate`, fp32, the same prompts as one batch: the floor
 
 Writes docs/bench-results/serving-<time>.json, .md and a PNG of throughput and time to
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -42,25 +44,35 @@ def pct(values: list[float], q: float):
 
 
 async def openai_stream(http: httpx.AsyncClient, url: str, model: str, prompt: str, output_len: int) -> dict:
-    """One streaming /v1/completions request: arrival times of its text chunks."""
+    """One streaming /v1/completions request: arrival times of its text chunks. A 429 is
+    retried after its Retry-After, as the OpenAI SDKs do (counted in `refused`); time to
+    first token counts from the first attempt, as the user waits."""
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
             "ignore_eos": True}
-    start, times, error = time.perf_counter(), [], None
+    start, times, error, refused = time.perf_counter(), [], None, 0
     try:
-        async with http.stream("POST", url + "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                return {"error": f"{r.status_code}: {(await r.aread())[:200]!r}", "status": r.status_code}
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
+        while True:
+            async with http.stream("POST", url + "/v1/completions", json=body) as r:
+                if r.status_code == 429 and refused < 20:
+                    refused += 1
+                    await r.aread()
+                    await asyncio.sleep(float(r.headers.get("retry-after") or 1))
                     continue
-                event = json.loads(line[6:])
-                if "error" in event:
-                    error = event["error"]
-                elif event.get("choices") and event["choices"][0].get("text"):
-                    times.append(time.perf_counter())
+                if r.status_code != 200:
+                    return {"error": f"{r.status_code}: {(await r.aread())[:200]!r}", "status": r.status_code,
+                            "refused": refused}
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        error = event["error"]
+                    elif event.get("choices") and event["choices"][0].get("text"):
+                        times.append(time.perf_counter())
+                break
     except httpx.HTTPError as err:  # counted, not fatal: the table says how many
-        return {"error": f"{type(err).__name__}: {err}", "status": "connection"}
-    return {"start": start, "times": times, "error": error, "status": 200}
+        return {"error": f"{type(err).__name__}: {err!r}", "status": "connection", "refused": refused}
+    return {"start": start, "times": times, "error": error, "status": 200, "refused": refused}
 
 
 async def grpc_stream(client, model: str, ids: list[int], output_len: int) -> dict:
@@ -89,6 +101,8 @@ def summarize(results: list[dict], elapsed: float, output_len: int) -> dict:
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
     return {"requests": len(results), "errors": len(results) - len(ok),
             "statuses": sorted({str(r.get("status")) for r in results}),
+            "refused_429": sum(r.get("refused", 0) for r in results),
+            "error_samples": sorted({str(r["error"])[:160] for r in results if r.get("error")})[:3],
             "tok_s": round(len(ok) * output_len / elapsed, 1),
             "ttft_p50_ms": round(pct(ttft, 50) * 1000, 1) if ttft else None,
             "ttft_p99_ms": round(pct(ttft, 99) * 1000, 1) if ttft else None,
@@ -132,8 +146,9 @@ def run(args) -> dict:
                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                 "load_average_before": os.getloadavg()}, "systems": {}}
 
-    def measure(name: str, make_send) -> None:
-        """make_send() -> (send, close), called inside the run's event loop."""
+    def measure(name: str, make_send, around=None) -> None:
+        """make_send() -> (send, close), called inside the run's event loop; `around(c)`, if
+        given, is a context manager each level runs in (a server set up for it)."""
         rows = []
 
         async def level(c: int):
@@ -145,11 +160,16 @@ def run(args) -> dict:
                 await close()
 
         for c in levels:
-            results, elapsed = asyncio.run(level(c))
+            if around is None:
+                results, elapsed = asyncio.run(level(c))
+            else:
+                with around(c):
+                    results, elapsed = asyncio.run(level(c))
             row = {"concurrency": c, **summarize(results, elapsed, args.output_len)}
             rows.append(row)
             print(f"{name:22s} c={c:3d} {row['tok_s']:8.1f} tok/s  TTFT p50 {row['ttft_p50_ms']} ms  "
-                  f"errors {row['errors']} {row['statuses']}", flush=True)
+                  f"errors {row['errors']} {row['statuses']} 429s {row['refused_429']} {row['error_samples']}",
+                  flush=True)
         report["systems"][name] = rows
 
     def openai_sender(url: str, model: str):
@@ -182,17 +202,26 @@ def run(args) -> dict:
         triton.stop()
 
     if BINARY.exists():
-        # One HTTP thread per client: its default pool is smaller than 64 connections.
-        server = LlamaServer(fetch_default_gguf(), free_port(), os.cpu_count() or 2, max(levels),
-                             args.prompt_len + args.output_len + 64, tmp / "llama-server.log",
-                             extra=["--threads-http", str(max(levels) + 4)])
-        report["llama_server"] = {"command": " ".join(server.command[1:]).replace(str(fetch_default_gguf()),
-                                                                                  "SmolLM2-135M-Instruct.Q4_1.gguf"),
-                                  "forced_off": "nothing"}
-        try:
-            measure("llama-server (C++)", lambda: openai_sender(server.url, MODEL))
-        finally:
-            server.stop()
+        # At each level a server sized for it, as its users run it: one slot per client
+        # (-np), the context for those slots, one HTTP thread per client (its default pool
+        # is smaller than 64 connections).
+        servers = {"url": None}
+
+        @contextlib.contextmanager
+        def llama_server_for(c: int):
+            server = LlamaServer(fetch_default_gguf(), free_port(), os.cpu_count() or 2, c,
+                                 args.prompt_len + args.output_len + 64, tmp / f"llama-server-{c}.log",
+                                 extra=["--threads-http", str(c + 4)])
+            report["llama_server"]["commands"].append(
+                " ".join(server.command[1:]).replace(str(fetch_default_gguf()), "SmolLM2-135M-Instruct.Q4_1.gguf"))
+            servers["url"] = server.url
+            try:
+                yield
+            finally:
+                server.stop()
+
+        report["llama_server"] = {"commands": [], "forced_off": "nothing"}
+        measure("llama-server (C++)", lambda: openai_sender(servers["url"], MODEL), around=llama_server_for)
     else:
         report["llama_server"] = {"missing": f"{BINARY} not built: python -m bench.llama_server build"}
     if not args.no_transformers:
@@ -224,19 +253,21 @@ def render(report: dict) -> str:
     llama = {r["concurrency"]: r for r in report["systems"].get("llama-server (C++)", [])}
     floor = {r["concurrency"]: r for r in report.get("transformers", [])}
     lines = ["| system | concurrency | output tok/s | vs llama-server | vs transformers | TTFT p50 / p99 ms | "
-             "ITL p50 / p99 ms | errors |", "|---|---|---|---|---|---|---|---|"]
+             "ITL p50 / p99 ms | errors | 429s retried |", "|---|---|---|---|---|---|---|---|---|"]
     for name, rows in report["systems"].items():
         for r in rows:
             c = r["concurrency"]
             vs_l = f"{r['tok_s'] / llama[c]['tok_s']:.3f}x" if c in llama and llama[c]["tok_s"] else ""
             vs_t = f"{r['tok_s'] / floor[c]['tok_s']:.3f}x" if c in floor else ""
             lines.append(f"| {name} | {c} | {r['tok_s']} | {vs_l} | {vs_t} | {r['ttft_p50_ms']} / {r['ttft_p99_ms']} | "
-                         f"{r['itl_p50_ms']} / {r['itl_p99_ms']} | {r['errors']} |")
+                         f"{r['itl_p50_ms']} / {r['itl_p99_ms']} | {r['errors']} | {r.get('refused_429', '')} |")
     for r in report.get("transformers", []):
-        lines.append(f"| transformers generate fp32, one batch | {r['concurrency']} | {r['tok_s']} | | 1.000x | | | |")
+        lines.append(f"| transformers generate fp32, one batch | {r['concurrency']} | {r['tok_s']} | | 1.000x | | | | |")
     ls = report.get("llama_server", {})
     lines.append("")
-    lines.append(f"llama-server: `{ls.get('command', ls.get('missing'))}`; forced off: {ls.get('forced_off', '-')}.")
+    commands = ls.get("commands") or [ls.get("command", ls.get("missing"))]
+    lines.append("llama-server, a fresh one per concurrency: " + "; ".join(f"`{c}`" for c in commands)
+                 + f"; forced off: {ls.get('forced_off', '-')}.")
     return "\n".join(lines)
 
 
