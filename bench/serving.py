@@ -49,10 +49,19 @@ async def openai_stream(http: httpx.AsyncClient, url: str, model: str, prompt: s
     first token counts from the first attempt, as the user waits."""
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
             "ignore_eos": True}
-    start, times, error, refused = time.perf_counter(), [], None, 0
+    start, times, error, refused, reconnects = time.perf_counter(), [], None, 0, 0
     try:
         while True:
-            async with http.stream("POST", url + "/v1/completions", json=body) as r:
+            try:
+                stream = await http.send(http.build_request("POST", url + "/v1/completions", json=body), stream=True)
+            except (httpx.RemoteProtocolError, httpx.ConnectError):
+                # A kept-alive connection the server had closed, before any answer: the
+                # OpenAI SDKs retry these (twice by default), so do we.
+                if reconnects >= 2:
+                    raise
+                reconnects += 1
+                continue
+            async with contextlib.aclosing(stream) as r:
                 if r.status_code == 429 and refused < 20:
                     refused += 1
                     await r.aread()
@@ -72,7 +81,8 @@ async def openai_stream(http: httpx.AsyncClient, url: str, model: str, prompt: s
                 break
     except httpx.HTTPError as err:  # counted, not fatal: the table says how many
         return {"error": f"{type(err).__name__}: {err!r}", "status": "connection", "refused": refused}
-    return {"start": start, "times": times, "error": error, "status": 200, "refused": refused}
+    return {"start": start, "times": times, "error": error, "status": 200, "refused": refused,
+            "reconnects": reconnects}
 
 
 async def grpc_stream(client, model: str, ids: list[int], output_len: int) -> dict:
@@ -102,6 +112,7 @@ def summarize(results: list[dict], elapsed: float, output_len: int) -> dict:
     return {"requests": len(results), "errors": len(results) - len(ok),
             "statuses": sorted({str(r.get("status")) for r in results}),
             "refused_429": sum(r.get("refused", 0) for r in results),
+            "reconnects": sum(r.get("reconnects", 0) for r in results),
             "error_samples": sorted({str(r["error"])[:160] for r in results if r.get("error")})[:3],
             "tok_s": round(len(ok) * output_len / elapsed, 1),
             "ttft_p50_ms": round(pct(ttft, 50) * 1000, 1) if ttft else None,
@@ -253,14 +264,14 @@ def render(report: dict) -> str:
     llama = {r["concurrency"]: r for r in report["systems"].get("llama-server (C++)", [])}
     floor = {r["concurrency"]: r for r in report.get("transformers", [])}
     lines = ["| system | concurrency | output tok/s | vs llama-server | vs transformers | TTFT p50 / p99 ms | "
-             "ITL p50 / p99 ms | errors | 429s retried |", "|---|---|---|---|---|---|---|---|---|"]
+             "ITL p50 / p99 ms | errors | retried: 429 / closed connection |", "|---|---|---|---|---|---|---|---|---|"]
     for name, rows in report["systems"].items():
         for r in rows:
             c = r["concurrency"]
             vs_l = f"{r['tok_s'] / llama[c]['tok_s']:.3f}x" if c in llama and llama[c]["tok_s"] else ""
             vs_t = f"{r['tok_s'] / floor[c]['tok_s']:.3f}x" if c in floor else ""
             lines.append(f"| {name} | {c} | {r['tok_s']} | {vs_l} | {vs_t} | {r['ttft_p50_ms']} / {r['ttft_p99_ms']} | "
-                         f"{r['itl_p50_ms']} / {r['itl_p99_ms']} | {r['errors']} | {r.get('refused_429', '')} |")
+                         f"{r['itl_p50_ms']} / {r['itl_p99_ms']} | {r['errors']} | {r.get('refused_429', '')} / {r.get('reconnects', '')} |")
     for r in report.get("transformers", []):
         lines.append(f"| transformers generate fp32, one batch | {r['concurrency']} | {r['tok_s']} | | 1.000x | | | | |")
     ls = report.get("llama_server", {})
