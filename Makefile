@@ -12,7 +12,7 @@ LLAMA_VENV := .cache/llama-venv
 LLAMA_SERVER := .cache/llama-server/build/bin/llama-server
 LLAMA_STAMP := $(LLAMA_VENV)/.installed
 
-.PHONY: venv model serve triton test test-fast bench bench-engine llama-venv reliability clean
+.PHONY: venv model serve triton test test-fast bench bench-engine bench-large llama-venv reliability clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,12 @@ $(LLAMA_SERVER): bench/llama_server.py
 ## (its own venv, compiled from source once, about 8 minutes).
 bench-engine: $(STAMP) $(LLAMA_STAMP)
 	$(PY) -m bench.engine --llamacpp-python $(LLAMA_VENV)/bin/python
+
+## Cost as the model grows: a Llama-3.2-1B-shaped checkpoint with random weights (made here,
+## never downloaded) exported with llm-export and decoded at 1 and 16 streams, with the KV
+## budget; docs/bench-results/large-model-<time>.json, .md (about 4 minutes here).
+bench-large: $(STAMP)
+	$(PY) -m bench.large_model
 
 $(LLAMA_STAMP): bench/requirements-llamacpp.txt
 	test -x $(LLAMA_VENV)/bin/python || $(PYTHON) -m venv $(LLAMA_VENV)
