@@ -26,35 +26,12 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def cpu_quota(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Whole cores the cgroup's CPU quota allows (a Kubernetes CPU limit), rounded up; None
-    without a quota. cgroup v2 (`cpu.max`) or v1 (`cpu/cpu.cfs_quota_us`)."""
-    try:
-        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
-        if quota == "max":
-            return None
-        q, p = int(quota), int(period)
-    except (OSError, ValueError):
-        try:
-            q = int((cgroup_root / "cpu" / "cpu.cfs_quota_us").read_text())
-            p = int((cgroup_root / "cpu" / "cpu.cfs_period_us").read_text())
-        except (OSError, ValueError):
-            return None
-        if q <= 0:
-            return None
-    return max(1, -(-q // p)) if p > 0 else None
-
-
 def cpu_count() -> int:
-    """Cores this process may use: the affinity mask, capped by the cgroup's CPU quota. Not
-    the host's count: a pod limited to 4 cores on a 64-core node that ran 64 threads would
-    spend its quota in a fraction of each period and then stall for the rest of it."""
+    """Cores this process may run on (the affinity mask, not the host's count)."""
     try:
-        cores = len(os.sched_getaffinity(0)) or 1
+        return len(os.sched_getaffinity(0)) or 1
     except AttributeError:
-        cores = os.cpu_count() or 1
-    quota = cpu_quota()
-    return min(cores, quota) if quota else cores
+        return os.cpu_count() or 1
 
 
 class ModelLoadError(RuntimeError):
