@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import sys
 import tempfile
 import time
@@ -122,16 +123,26 @@ def summarize(results: list[dict], elapsed: float, output_len: int) -> dict:
 
 
 def prompts_for(tok, n: int, length: int) -> tuple[list[str], list[list[int]]]:
-    """n different prompts of exactly `length` tokens (by this tokenizer), as text and ids."""
+    """n different prompts of exactly `length` tokens (by this tokenizer), as text and ids;
+    they differ from their first words, so no prompt cache (ours, llama-server's slots)
+    serves one from another."""
     words = ("the river city light garden morning paper window quiet stone music winter road friend story "
              "market yellow ocean teacher summer").split()
     texts, ids = [], []
     for i in range(n):
-        text = " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(length * 2))
+        rng = random.Random(i)
+        text = " ".join(rng.choice(words) for _ in range(length * 2))
         t = tok.encode(text, add_special_tokens=False).ids[:length]
         ids.append(t)
         texts.append(tok.decode(t))
     return texts, ids
+
+
+def rounds_at(c: int, args) -> int:
+    """Requests per client at concurrency c: `--rounds`, more where the level would
+    otherwise have fewer than `--min-requests` in all (one stream's 2 requests were 128
+    tokens, under a second: its ratio moved by 0.2 between runs)."""
+    return max(args.rounds, -(-args.min_requests // c))
 
 
 def run(args) -> dict:
@@ -150,7 +161,11 @@ def run(args) -> dict:
     version = ensure_default_model(repo, name=MODEL) / "1"
     tok = load_tokenizer(version)
     levels = sorted(set(args.concurrency))
-    n = max(levels) * args.rounds + 8
+    # Every request of a system gets its own prompt (the levels in turn, then the warm-up).
+    offsets, n = {}, 0
+    for c in levels:
+        offsets[c], n = n, n + c * rounds_at(c, args)
+    warm_up, n = n, n + 1
     texts, ids = prompts_for(tok, n, args.prompt_len)
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args),
@@ -165,8 +180,8 @@ def run(args) -> dict:
         async def level(c: int):
             send, close = make_send()
             try:
-                await load(send, 1, 1, 0)  # warm-up
-                return await load(send, c, args.rounds, args.stagger)
+                await send(warm_up)
+                return await load(lambda i: send(offsets[c] + i), c, rounds_at(c, args), args.stagger)
             finally:
                 await close()
 
@@ -316,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=38)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="requests per client")
+    ap.add_argument("--min-requests", type=int, default=16, help="requests per level at least (more rounds at low concurrency)")
     ap.add_argument("--stagger", type=float, default=0.1, help="seconds between client starts")
     ap.add_argument("--no-transformers", action="store_true")
     args = ap.parse_args(argv)
@@ -327,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     (OUT / f"serving-{stamp}.json").write_text(json.dumps(report, indent=1, default=str))
     (OUT / f"serving-{stamp}.md").write_text(f"# bench.serving {report['date']}\n\n{args.prompt_len} prompt tokens, "
                                              f"{args.output_len} output tokens, greedy, streaming, clients staggered "
-                                             f"by {args.stagger} s, {args.rounds} requests each.\n\n{table}\n")
+                                             f"by {args.stagger} s, {args.rounds} requests each (at least {args.min_requests} per level in all).\n\n{table}\n")
     plot(report, OUT / f"serving-{stamp}.png")
     print(table)
     print(f"\nwritten: docs/bench-results/serving-{stamp}.json, .md, .png")
