@@ -229,7 +229,7 @@ def create_app(settings: Optional[Settings] = None, client: Optional[LLMClient] 
             app.state.deps.on_generation_ok = prober.note_success
             app.state.deps.on_token = prober.note_token
             prober.slots_full = lambda model: admission.full(model)
-            prober.version_for = lambda model: _routed_version(router, pool, model)
+            prober.version_for = lambda model, ep=None: _routed_version(router, pool, model, ep)
         log.info("settings: %s", settings.redacted())
         try:
             yield
@@ -275,10 +275,12 @@ def _slots(settings: Settings, client: LLMClient):
     return slots
 
 
-def _routed_version(router: Router, pool: TritonPool, model: str) -> str:
-    """The version a request to `model` would go to now ("" when none is ready)."""
+def _routed_version(router: Router, pool: TritonPool, model: str, ep=None) -> str:
+    """The version a request to `model` would go to now, among the versions ready on any
+    usable endpoint or, given `ep`, on that one ("" when none is ready)."""
+    ready = set(ep.ready_versions.get(model, ())) if ep is not None else pool.versions(model)
     try:
-        return str(choose(model, router.get(model), pool.versions(model), None))
+        return str(choose(model, router.get(model), ready, None))
     except OpenAIError:
         return ""
 

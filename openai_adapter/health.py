@@ -14,6 +14,8 @@ from .triton_client import GenerationRequest, TritonPool, UpstreamDown
 
 log = logging.getLogger("openai_adapter.health")
 
+SILENCE_PROBE_TIMEOUT_S = 2.0  # see Prober._silence_probe
+
 
 class Health(Protocol):
     def status(self) -> tuple[bool, dict[str, Any]]:
@@ -37,7 +39,8 @@ class Prober:
 
     def __init__(self, pool: TritonPool, settings: Settings, metrics: Metrics) -> None:
         self.pool, self.settings, self.metrics = pool, settings, metrics
-        self.version_for: Callable[[str], str] = lambda model: ""  # set by the app: the routed version
+        # Set by the app: the version a request to the model goes to now (on that endpoint).
+        self.version_for: Callable[..., str] = lambda model, ep=None: ""
         # Set by the app: every slot of the model is taken, so a probe would wait in the
         # model's queue (and, sent just before its backend process dies, never come back).
         self.slots_full: Callable[[str], bool] = lambda model: False
@@ -98,32 +101,48 @@ class Prober:
         send it a probe now, not at the next tick. Triton tells nobody that a model's
         backend process died (its streams just stop), but it answers a new request for the
         model "not healthy" within about a second, and that answer ends the streams
-        (`TritonPool.backend_died`). One probe at a time per endpoint and model, at most
-        one a second: a long prefill is silence too, and costs only that probe."""
+        (`TritonPool.backend_died`). One probe at a time per endpoint, model and version,
+        at most one a second: a long prefill is silence too, and costs only that probe."""
         silence = self.settings.silence_probe_s
         while True:
             await asyncio.sleep(min(0.1, silence / 3))
-            now = time.monotonic()
-            for ep in list(self.pool.endpoints):
-                for model, n in list(ep.streams.items()):
-                    key = (ep.grpc_url, model)
-                    if (n and model not in ep.broken and now - ep.last_heard.get(model, now) >= silence
-                            and key not in self._silence_probes
-                            and now - self._silence_probed.get(key, -1e9) >= 1.0):
-                        self._silence_probes[key] = asyncio.ensure_future(self._silence_probe(ep, model, key))
+            try:
+                self._look_for_silence(time.monotonic(), silence)
+            except Exception:  # the watch must never die
+                log.exception("looking for silent endpoints failed")
 
-    async def _silence_probe(self, ep, model: str, key: tuple[str, str]) -> None:
-        req = GenerationRequest(model=model, prompt="Hello", max_tokens=1, temperature=0.0,
-                                request_id="silence-probe", model_version=self.version_for(model))
+    def _look_for_silence(self, now: float, silence: float) -> None:
+        urls = {ep.grpc_url for ep in self.pool.endpoints}
+        for key in [k for k in self._silence_probed if k[0] not in urls]:
+            del self._silence_probed[key]  # an endpoint gone (DNS)
+        for ep in list(self.pool.endpoints):
+            if ep.breaker.is_open:
+                continue  # known down; the prober takes it from here
+            for (model, version), n in list(ep.streams.items()):
+                key = (ep.grpc_url, model, version)
+                if (n and model not in ep.broken and now - ep.last_heard.get((model, version), now) >= silence
+                        and key not in self._silence_probes and now - self._silence_probed.get(key, -1e9) >= 1.0):
+                    self._silence_probes[key] = asyncio.ensure_future(self._silence_probe(ep, model, version, key))
+
+    async def _silence_probe(self, ep, model: str, version: str, key: tuple[str, str, str]) -> None:
+        retry_now = False
         try:
-            async with asyncio.timeout(self.settings.health_max_age_s):
+            req = GenerationRequest(model=model, prompt="Hello", max_tokens=1, temperature=0.0,
+                                    request_id="silence-probe", model_version=version or self.version_for(model, ep))
+            # A live backend answers at once unless every slot is taken; a dead one answers
+            # "not healthy" within about a second, or never, when the probe reached it just
+            # before it died. So a probe unanswered for this long is dropped, and the next
+            # one goes at once.
+            async with asyncio.timeout(SILENCE_PROBE_TIMEOUT_S):
                 async for _ in self.pool._stream(ep, req):
                     pass
+        except TimeoutError:
+            retry_now = True
         except Exception as err:  # a dead backend process was handled inside _stream
             log.debug("silence probe of %s on %s: %s: %s", model, ep.grpc_url, type(err).__name__, err)
         finally:
             self._silence_probes.pop(key, None)
-            self._silence_probed[key] = time.monotonic()
+            self._silence_probed[key] = -1e9 if retry_now else time.monotonic()
 
     async def probe_once(self) -> None:
         await asyncio.gather(*(self._probe_endpoint(i) for i in range(len(self.pool.endpoints))))
@@ -139,11 +158,13 @@ class Prober:
             self.metrics.circuit_open.labels(ep.grpc_url).set(1)
             return
         was_open = ep.breaker.is_open
-        if ep.breaker.may_close and self.settings.health_probe_generation and ep.ready:
+        if ep.breaker.may_close and self.settings.health_probe_generation:
             # Close it only once the endpoint generates: a restarted Triton answers HTTP while
             # our gRPC channel may still wait out its reconnect backoff, and requests sent
             # there meanwhile would all fail over to the other endpoints.
-            if not await self._generate(ep, sorted(ep.ready)[0], force=True):
+            # Any model that would take traffic there will do (not one being reloaded).
+            candidates = [m for m in sorted(ep.ready) if m not in ep.broken and self.version_for(m, ep)]
+            if candidates and not await self._generates_any(ep, candidates):
                 return
         ep.breaker.probe_succeeded()
         if was_open and not ep.breaker.is_open:
@@ -153,6 +174,12 @@ class Prober:
             return
         for model in sorted(ep.ready):
             await self._generate(ep, model)
+
+    async def _generates_any(self, ep, models: list[str]) -> bool:
+        for model in models:
+            if await self._generate(ep, model, force=True):
+                return True
+        return False
 
     async def _generate(self, ep, model: str, force: bool = False) -> bool:
         """One-token generation on `ep` (skipped, unless forced, while traffic proves the
@@ -167,7 +194,7 @@ class Prober:
             return True
         # The version that takes traffic, not a candidate llm-deploy is still validating.
         req = GenerationRequest(model=model, prompt="Hello", max_tokens=1, temperature=0.0,
-                                request_id="health-probe", model_version=self.version_for(model))
+                                request_id="health-probe", model_version=self.version_for(model, ep))
         ok = False
         try:
             async with asyncio.timeout(self.settings.health_max_age_s):

@@ -347,7 +347,12 @@ async def execute(deps: Deps, raw: Request, reqs: list[GenerationRequest], n: in
     if principal(raw).key_id is None:
         # No key of the accounts, so no x-ratelimit headers to give: at capacity, the 429
         # comes before the ledger's reservation and its release (two transactions).
-        deps.admission.refuse_if_full(reqs[0].model, deps.slots(reqs[0].model), len(reqs))
+        try:
+            deps.admission.refuse_if_full(reqs[0].model, deps.slots(reqs[0].model), len(reqs))
+        except OpenAIError as err:
+            if reqs[0].model_version:
+                err.extra_headers["x-model-version"] = reqs[0].model_version
+            raise
     admitted = await deps.accounts.admit(principal(raw), fmt.id, reqs[0].model, reserve)
     headers = dict(admitted.headers)
     if reqs[0].model_version:

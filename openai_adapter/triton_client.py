@@ -156,10 +156,11 @@ class Endpoint:
         self.aborts: dict[str, asyncio.Event] = {}
         self.recovery: Optional[asyncio.Task] = None
         self.versions: dict[str, str] = {}  # model -> versions seen, to re-read a reloaded config
-        # model -> streams open here, and when the last of them heard anything: a silence
-        # while streams are open is how a dead backend process shows (Triton tells nobody).
-        self.streams: dict[str, int] = {}
-        self.last_heard: dict[str, float] = {}
+        # (model, version) -> streams open here, and when the last of them heard anything:
+        # a silence while streams are open is how a dead backend process shows (Triton
+        # tells nobody). By version: each version has its own backend process.
+        self.streams: dict[tuple[str, str], int] = {}
+        self.last_heard: dict[tuple[str, str], float] = {}
         self.reachable = False
         self.grpc = grpcclient.InferenceServerClient(grpc_url, channel_args=_GRPC_CHANNEL_ARGS)
         host = http_url.split("://", 1)[-1].rstrip("/")
@@ -493,22 +494,24 @@ class TritonPool:
                    "request_id": request.request_id, "parameters": {"triton_enable_empty_final_response": True}}
             await done.wait()  # keep our half open until the final response came
 
+        key = (request.model, request.model_version)
         ep.in_flight += 1
-        if not ep.streams.get(request.model):
-            ep.last_heard[request.model] = time.monotonic()
-        ep.streams[request.model] = ep.streams.get(request.model, 0) + 1
+        if not ep.streams.get(key):
+            ep.last_heard[key] = time.monotonic()
+        ep.streams[key] = ep.streams.get(key, 0) + 1
         finished = False
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        stream = ep.grpc.stream_infer(inputs_iterator=requests())
-        # A dead backend process never answers its streams: when one is found dead, this
-        # watcher cancels ours, so the client gets an error instead of waiting forever.
+        stream = watcher = None
         aborted = ep.abort_event(request.model)
-        watcher = asyncio.ensure_future(_cancel_when(aborted, stream))
         try:
+            stream = ep.grpc.stream_infer(inputs_iterator=requests())
+            # A dead backend process never answers its streams: when one is found dead, this
+            # watcher cancels ours, so the client gets an error instead of waiting forever.
+            watcher = asyncio.ensure_future(_cancel_when(aborted, stream))
             while True:
                 try:
                     result, error = await stream.__anext__()
-                    ep.last_heard[request.model] = time.monotonic()
+                    ep.last_heard[key] = time.monotonic()
                 except asyncio.CancelledError:
                     if aborted.is_set():
                         finished = True
@@ -555,9 +558,10 @@ class TritonPool:
                     finished = True
                     return
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             done.set()
             ep.in_flight -= 1
-            ep.streams[request.model] -= 1
-            if not finished:
+            ep.streams[key] -= 1
+            if not finished and stream is not None:
                 stream.cancel()  # client gone, deadline, or stop found here: free the model's slot

@@ -361,3 +361,110 @@ async def test_prober_does_not_queue_a_probe_behind_full_slots_while_tokens_flow
     await asyncio.sleep(0.25)  # the tokens stopped
     await prober._generate(object(), "fake")
     assert Pool.sent == 2
+
+
+def _silence_setup(answer):
+    """A Prober over a fake pool of one endpoint; `answer(req)` is what _stream does."""
+    import time as _time
+    from openai_adapter.health import Prober
+    from openai_adapter.metrics import Metrics
+    from openai_adapter.settings import Settings
+    from openai_adapter.triton_client import CircuitBreaker
+
+    class Ep:
+        grpc_url, http_url = "ep:1", "http://ep:2"
+        breaker = CircuitBreaker(3, 1.0)
+        broken: dict = {}
+        ready = {"m"}
+        ready_versions = {"m": frozenset({1, 2})}
+        streams = {("m", "2"): 2}
+        last_heard = {("m", "2"): _time.monotonic()}
+
+    class Pool:
+        endpoints = [Ep()]
+        sent: list = []
+
+        async def _stream(self, ep, req):
+            Pool.sent.append(req)
+            await answer(req)
+            yield None
+
+    prober = Prober(Pool(), Settings(silence_probe_s=0.15), Metrics())
+    prober.version_for = lambda model, ep=None: "1"
+    return prober, Pool, Ep
+
+
+async def test_silent_streams_get_a_probe_of_their_own_version_and_only_one_at_a_time():
+    # A dead backend process shows only as silence on its open streams; the probe is what
+    # makes Triton say "not healthy" (and _stream then ends the streams).
+    import time as _time
+
+    async def never(req):
+        await asyncio.sleep(30)
+
+    prober, Pool, Ep = _silence_setup(never)
+    prober._look_for_silence(_time.monotonic(), 0.15)
+    assert Pool.sent == [] and not prober._silence_probes  # heard just now: no probe
+    now = Ep.last_heard[("m", "2")] + 0.2
+    prober._look_for_silence(now, 0.15)
+    prober._look_for_silence(now + 0.5, 0.15)  # the first is still out: no second one
+    await asyncio.sleep(0.01)
+    assert [(r.model, r.model_version, r.max_tokens) for r in Pool.sent] == [("m", "2", 1)]
+    Ep.breaker.trip()
+    for t in prober._silence_probes.values():
+        t.cancel()
+    await asyncio.sleep(0.01)
+    prober._look_for_silence(now + 5, 0.15)  # circuit open: the prober's business
+    await asyncio.sleep(0.01)
+    assert len(Pool.sent) == 1
+
+
+async def test_an_unanswered_silence_probe_is_dropped_and_the_next_goes_at_once(monkeypatch):
+    # A probe that reached the backend just before it died is never answered: it must not
+    # hold the watch (it held it for health_max_age_s, 10 s).
+    import time as _time
+    from openai_adapter import health
+
+    monkeypatch.setattr(health, "SILENCE_PROBE_TIMEOUT_S", 0.05)
+
+    async def never(req):
+        await asyncio.sleep(30)
+
+    prober, Pool, Ep = _silence_setup(never)
+    now = _time.monotonic() + 1
+    prober._look_for_silence(now, 0.15)
+    await asyncio.sleep(0.2)  # timed out
+    assert not prober._silence_probes
+    prober._look_for_silence(now + 0.01, 0.15)  # within the second, yet it goes: the last got no answer
+    await asyncio.sleep(0.01)
+    assert len(Pool.sent) == 2
+    for t in prober._silence_probes.values():
+        t.cancel()
+    await asyncio.sleep(0.01)
+
+
+async def test_an_open_circuit_closes_only_once_the_endpoint_generates():
+    # A restarted Triton answers HTTP before our gRPC channel is back: closing the circuit
+    # on the HTTP answer alone sent every request to the other replicas.
+    from openai_adapter.triton_client import UpstreamDown
+
+    results = [UpstreamDown("reconnecting"), None]
+
+    async def answer(req):
+        r = results.pop(0)
+        if r is not None:
+            raise r
+
+    prober, Pool, Ep = _silence_setup(answer)
+    ep = Ep()
+    ep.breaker = type(Ep.breaker)(3, 0.0)
+    ep.breaker.trip()
+
+    async def refresh():
+        return None
+    ep.refresh = refresh
+    Pool.endpoints = [ep]
+    await prober._probe_endpoint(0)
+    assert ep.breaker.is_open and Pool.sent[-1].model_version == "1"  # gRPC not back: stays open
+    await prober._probe_endpoint(0)
+    assert not ep.breaker.is_open  # it generated: closed
