@@ -101,18 +101,20 @@ async def run_fault(stack: ServeStack, p: Profile, fault: Fault) -> dict[str, An
             info["exit_s"] = round(await asyncio.to_thread(_wait_exit, victim, p.grace_s + 30) - marks["fault"], 2)
         phase["long"] = False
         watch_triton = asyncio.ensure_future(_triton_not_ready(stack, marks)) if fault.role == "stub" else None
-        # Healed: answered again after the last failure, and ready.
-        deadline = marks["fault"] + p.recover_timeout_s
-        while time.monotonic() < deadline:
-            rec = probe.recovery(marks["fault"])
-            if rec["served_again_s"] is not None and (rec["probes_failed"] or time.monotonic() - marks["fault"] > 5):
-                if await asyncio.to_thread(stack.ready):
-                    marks.setdefault("ready", time.monotonic())
-                    break
-            await asyncio.sleep(0.25)
-        if watch_triton is not None:
-            watch_triton.cancel()
-            await asyncio.gather(watch_triton, return_exceptions=True)
+        try:
+            # Healed: answered again after the last failure, and ready.
+            deadline = marks["fault"] + p.recover_timeout_s
+            while time.monotonic() < deadline:
+                rec = probe.recovery(marks["fault"])
+                if rec["served_again_s"] is not None and (rec["probes_failed"] or time.monotonic() - marks["fault"] > 5):
+                    if await asyncio.to_thread(stack.ready):
+                        marks.setdefault("ready", time.monotonic())
+                        break
+                await asyncio.sleep(0.25)
+        finally:
+            if watch_triton is not None:
+                watch_triton.cancel()
+                await asyncio.gather(watch_triton, return_exceptions=True)
         await asyncio.sleep(AFTER_S)
 
     outcomes = await clients.run(p.fault_clients, scenario, drain_timeout=p.request_timeout_s)
@@ -185,7 +187,7 @@ def _checks(fault: Fault, p: Profile, r: dict, in_flight: list[Outcome], after: 
         checks.append(check("the model serves again within 30 s",
                             r["served_again_s"] is not None and r["served_again_s"] <= 30, f"{r['served_again_s']} s"))
         checks.append(check("a new backend process", r["process_replaced"]))
-        checks.append(check("Triton's own model readiness said not ready before the model was back",
+        checks.append(check("Triton's own model readiness failed (not ready, or no answer) before the model was back",
                             r["triton_not_ready_s"] is not None, f"{r['triton_not_ready_s']} s"))
     if fault.name == "backend_killed" and r["restarted_by_make_serve"]:
         checks.append(check("tritonserver aborted on the stub's death; make serve started it again",
@@ -213,9 +215,10 @@ def _checks(fault: Fault, p: Profile, r: dict, in_flight: list[Outcome], after: 
 
 
 async def _triton_not_ready(stack: ServeStack, marks: dict[str, float]) -> None:
-    """Mark when Triton's own readiness of the model first says no (its probe in Kubernetes)."""
+    """Mark when Triton's own readiness of the model first fails, as a probe in Kubernetes
+    sees it: "not ready", or no answer (Triton 2.51 sometimes aborts when the stub dies)."""
     while "triton_not_ready" not in marks:
-        if await asyncio.to_thread(stack.triton_model_ready) is False:
+        if await asyncio.to_thread(stack.triton_model_ready) is not True:
             marks["triton_not_ready"] = time.monotonic()
         await asyncio.sleep(0.1)
 
