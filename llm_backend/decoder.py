@@ -34,15 +34,6 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def default_threads() -> int:
-    """onnxruntime's intra-op threads when the config says 0: every core but one, which is
-    left to what runs beside the decode steps (the engine's own Python between steps,
-    tritonserver's frontends, tokenization, and the adapter on a single box). Measured
-    through the whole stack on 2 cores, in turns: 1 thread 160-172 tok/s alone and
-    502-528 at 16 streams, 2 threads 149-170 and 456-458 (docs/engine.md)."""
-    return max(1, cpu_count() - 1)
-
-
 class ModelLoadError(RuntimeError):
     """The model directory's artifacts are missing, unreadable or inconsistent."""
 
@@ -196,7 +187,7 @@ class Decoder:
             raise ModelLoadError(f"{onnx_path} is a W8A8 export, and this CPU has no VNNI (AVX512-VNNI, "
                                  "AVX-VNNI or AMX): onnxruntime's int8 GEMM would saturate and give wrong "
                                  "results here. Serve an int4 or fp32 export on this machine.")
-        threads = intra_op_threads or default_threads()
+        threads = intra_op_threads or cpu_count()
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads   # explicit: onnxruntime's default was slower
         so.inter_op_num_threads = 1

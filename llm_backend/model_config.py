@@ -61,7 +61,7 @@ class EngineParams:
     max_queue_size: int = 64               # requests waiting for a slot; beyond -> UNAVAILABLE
     prefill_chunk: int = 128               # prompt tokens per engine step (interleaved with decode)
     prefix_cache_mb: int = 64              # prompt (prefix) cache; 0 disables
-    intra_op_threads: int = 0              # 0 = the cores less one (decoder.default_threads)
+    intra_op_threads: int = 0              # 0 = number of cores
     ort_allow_spinning: int = 1            # 1: onnxruntime workers spin between ops (dedicated cores); 0: shared machine
     chat_template: str = ""                # the checkpoint's own Jinja chat template
     bos_token: str = ""

@@ -77,7 +77,7 @@ def load_engine(version_dir: Path, params: EngineParams, metrics=None) -> tuple[
                              f"length {spec.context_length}")
     slots = params.max_num_seqs if params.device == "cuda" else kv_slots(params, spec.row_bytes(params.max_model_len))
     decoder = Decoder(version_dir, params.onnx_model, num_slots=slots, max_len=params.max_model_len,
-                      device=params.device, intra_op_threads=params.intra_op_threads,
+                      device=params.device, intra_op_threads=params.intra_op_threads or cpu_count(),
                       kv_cache_gpu_fraction=params.kv_cache_gpu_fraction,
                       allow_spinning=bool(params.ort_allow_spinning))
     eos = set(spec.eos_token_ids)
