@@ -11,7 +11,7 @@ drift of the machine hits all of them alike.
 
 Writes docs/bench-results/threads-<time>.json and .md and prints the table. The default
 (`intra_op_threads = 0`: every core the process may use) was checked with it: on 2 cores,
-5 rounds, one thread and two served the same through the API, two were 2-6% faster over
+5 rounds, one thread and two served the same through the API, two were 3-6% faster over
 gRPC (docs/engine.md).
 """
 from __future__ import annotations
