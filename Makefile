@@ -65,7 +65,7 @@ bench-engine: $(STAMP) $(LLAMA_STAMP)
 
 ## Cost as the model grows: a Llama-3.2-1B-shaped checkpoint with random weights (made here,
 ## never downloaded) exported with llm-export and decoded at 1 and 16 streams, with the KV
-## budget; docs/bench-results/large-model-<time>.json, .md (about 4 minutes here).
+## budget; docs/bench-results/large-model-<time>.json, .md (about 5 minutes here).
 bench-large: $(STAMP)
 	$(PY) -m bench.large_model
 
