@@ -145,16 +145,40 @@ def rounds_at(c: int, args) -> int:
     return max(args.rounds, -(-args.min_requests // c))
 
 
+@contextlib.contextmanager
+def triton_serving(repo: Path, tmp: Path):
+    """tritonserver on free ports over the model repository `repo`, stopped on exit."""
+    from stack.triton import TritonServer
+
+    triton = TritonServer.on_free_ports(repo, log_path=tmp / "triton.log").start_ready(300)
+    try:
+        yield triton
+    finally:
+        triton.stop()
+
+
+@contextlib.contextmanager
+def adapter_over(triton, tmp: Path):
+    """The real adapter as a process in front of `triton`, ready; stopped on exit."""
+    sys.path.insert(0, str(ROOT / "tests" / "adapter"))
+    from adapter_testlib import AdapterProcess
+
+    adapter = AdapterProcess(triton.grpc_url, triton.http_url, tmp / "adapter.log",
+                             TRITON_REPOSITORY_KEY=triton.repository_key, ADAPTER_ACCESS_LOG="false",
+                             ADAPTER_LOG_LEVEL="warning").start()
+    try:
+        adapter.wait_ready(120)
+        yield adapter
+    finally:
+        adapter.stop()
+
+
 def run(args) -> dict:
     from export.default_model import fetch_default_gguf
     from llm_backend.service import load_tokenizer
     from stack.ports import free_port
-    from stack.triton import TritonServer
 
     from bench.llama_server import BINARY, LlamaServer
-
-    sys.path.insert(0, str(ROOT / "tests" / "adapter"))
-    from adapter_testlib import AdapterProcess  # the real adapter as a process
 
     repo = ROOT / "model_repository"
     from stack.default_model import ensure_default_model
@@ -205,16 +229,9 @@ def run(args) -> dict:
             return await openai_stream(http, url, model, texts[i % len(texts)], args.output_len)
         return send, http.aclose
 
-    triton = TritonServer.on_free_ports(repo, log_path=tmp / "triton.log").start_ready(300)
-    try:
-        adapter = AdapterProcess(triton.grpc_url, triton.http_url, tmp / "adapter.log",
-                                 TRITON_REPOSITORY_KEY=triton.repository_key, ADAPTER_ACCESS_LOG="false",
-                                 ADAPTER_LOG_LEVEL="warning").start()
-        try:
-            adapter.wait_ready(120)
+    with triton_serving(repo, tmp) as triton:
+        with adapter_over(triton, tmp) as adapter:
             measure("ours, OpenAI API", lambda: openai_sender(adapter.url, MODEL))
-        finally:
-            adapter.stop()
 
         def grpc_sender():
             import tritonclient.grpc.aio as grpcclient
@@ -224,8 +241,6 @@ def run(args) -> dict:
                 return await grpc_stream(client, MODEL, ids[i % len(ids)], args.output_len)
             return send, client.close
         measure("ours, gRPC", grpc_sender)
-    finally:
-        triton.stop()
 
     if BINARY.exists():
         # At each level a server sized for it, as its users run it: one slot per client

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.serving import MODEL, OUT, ROOT, grpc_stream, load, openai_stream, prompts_for, summarize
+from bench.serving import (MODEL, OUT, ROOT, adapter_over, grpc_stream, load, openai_stream, prompts_for,
+                           summarize, triton_serving)
 
 LEVELS = (1, 16)
 REQUESTS = {1: 16, 16: 32}  # per level: 16 one after another, 16 clients x 2
@@ -50,48 +51,32 @@ def configured(src: Path, dest: Path, threads: int, spinning: int) -> Path:
 
 
 def measure(repo: Path, tmp: Path, texts: list[str], ids: list[list[int]], offset: int) -> list[dict]:
-    sys.path.insert(0, str(ROOT / "tests" / "adapter"))
-    from adapter_testlib import AdapterProcess  # the real adapter as a process
-
-    from stack.triton import TritonServer
-
     rows = []
-    triton = TritonServer.on_free_ports(repo, log_path=tmp / "triton.log").start_ready(300)
-    try:
-        adapter = AdapterProcess(triton.grpc_url, triton.http_url, tmp / "adapter.log",
-                                 TRITON_REPOSITORY_KEY=triton.repository_key, ADAPTER_ACCESS_LOG="false",
-                                 ADAPTER_LOG_LEVEL="warning").start()
-        try:
-            adapter.wait_ready(120)
+    with triton_serving(repo, tmp) as triton, adapter_over(triton, tmp) as adapter:
+        async def api(c: int, base: int):
+            async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as http:
+                async def send(i: int) -> dict:
+                    return await openai_stream(http, adapter.url, MODEL, texts[base + i], 64)
+                await openai_stream(http, adapter.url, MODEL, texts[-1], 64)  # warm-up
+                return await load(send, c, REQUESTS[c] // c, 0.1)
 
-            async def api(c: int, base: int):
-                async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as http:
-                    async def send(i: int) -> dict:
-                        return await openai_stream(http, adapter.url, MODEL, texts[base + i], 64)
-                    await openai_stream(http, adapter.url, MODEL, texts[-1], 64)  # warm-up
-                    return await load(send, c, REQUESTS[c] // c, 0.1)
+        async def grpc(c: int, base: int):
+            import tritonclient.grpc.aio as grpcclient
+            client = grpcclient.InferenceServerClient(triton.grpc_url)
+            try:
+                async def send(i: int) -> dict:
+                    return await grpc_stream(client, MODEL, ids[base + i], 64)
+                await grpc_stream(client, MODEL, ids[-1], 64)  # warm-up
+                return await load(send, c, REQUESTS[c] // c, 0.1)
+            finally:
+                await client.close()
 
-            async def grpc(c: int, base: int):
-                import tritonclient.grpc.aio as grpcclient
-                client = grpcclient.InferenceServerClient(triton.grpc_url)
-                try:
-                    async def send(i: int) -> dict:
-                        return await grpc_stream(client, MODEL, ids[base + i], 64)
-                    await grpc_stream(client, MODEL, ids[-1], 64)  # warm-up
-                    return await load(send, c, REQUESTS[c] // c, 0.1)
-                finally:
-                    await client.close()
-
-            base = offset
-            for path, run in (("OpenAI API", api), ("gRPC", grpc)):
-                for c in LEVELS:
-                    results, elapsed = asyncio.run(run(c, base))
-                    base += REQUESTS[c]
-                    rows.append({"path": path, "concurrency": c, **summarize(results, elapsed, 64)})
-        finally:
-            adapter.stop()
-    finally:
-        triton.stop()
+        base = offset
+        for path, run in (("OpenAI API", api), ("gRPC", grpc)):
+            for c in LEVELS:
+                results, elapsed = asyncio.run(run(c, base))
+                base += REQUESTS[c]
+                rows.append({"path": path, "concurrency": c, **summarize(results, elapsed, 64)})
     return rows
 
 
