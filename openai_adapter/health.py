@@ -17,6 +17,12 @@ log = logging.getLogger("openai_adapter.health")
 SILENCE_PROBE_TIMEOUT_S = 2.0  # see Prober._silence_probe
 
 
+def probe_request(model: str, version: str, request_id: str) -> GenerationRequest:
+    """A one-token greedy generation: what every probe sends."""
+    return GenerationRequest(model=model, prompt="Hello", max_tokens=1, temperature=0.0,
+                             request_id=request_id, model_version=version)
+
+
 class Health(Protocol):
     def status(self) -> tuple[bool, dict[str, Any]]:
         """(ready, details for the body)."""
@@ -47,8 +53,9 @@ class Prober:
         self.last_ok: dict[str, float] = {}  # model -> monotonic time of the last good generation
         self.last_token: dict[str, float] = {}  # model -> monotonic time of the last token streamed
         self.last_error: dict[str, str] = {}
-        self._silence_probes: dict[tuple[str, str], asyncio.Task] = {}
-        self._silence_probed: dict[tuple[str, str], float] = {}
+        # (endpoint, model, version) -> the silence probe out now / when the last one ended
+        self._silence_probes: dict[tuple[str, str, str], asyncio.Task] = {}
+        self._silence_probed: dict[tuple[str, str, str], float] = {}
 
     def note_success(self, model: str) -> None:
         """A request finished normally: as good a proof as a probe."""
@@ -127,8 +134,7 @@ class Prober:
     async def _silence_probe(self, ep, model: str, version: str, key: tuple[str, str, str]) -> None:
         retry_now = False
         try:
-            req = GenerationRequest(model=model, prompt="Hello", max_tokens=1, temperature=0.0,
-                                    request_id="silence-probe", model_version=version or self.version_for(model, ep))
+            req = probe_request(model, version or self.version_for(model, ep), "silence-probe")
             # A live backend answers at once unless every slot is taken; a dead one answers
             # "not healthy" within about a second, or never, when the probe reached it just
             # before it died. So a probe unanswered for this long is dropped, and the next
@@ -193,8 +199,7 @@ class Prober:
             # death went unseen for 10 s at 16 streams). Once the tokens stop, probe again.
             return True
         # The version that takes traffic, not a candidate llm-deploy is still validating.
-        req = GenerationRequest(model=model, prompt="Hello", max_tokens=1, temperature=0.0,
-                                request_id="health-probe", model_version=self.version_for(model, ep))
+        req = probe_request(model, self.version_for(model, ep), "health-probe")
         ok = False
         try:
             async with asyncio.timeout(self.settings.health_max_age_s):
