@@ -99,15 +99,41 @@ async def load(send, concurrency: int, rounds: int, stagger: float) -> tuple[lis
     async def client(c: int) -> None:
         await asyncio.sleep(c * stagger)
         for r in range(rounds):
-            results.append(await send(c * rounds + r))
+            results.append({**await send(c * rounds + r), "client": c})
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client(c) for c in range(concurrency)))
     return results, time.perf_counter() - t0
 
 
+STEADY_NOTE = ("Output tok/s is the whole run's, the staggered start and the tail included; steady tok/s "
+               "counts only the window in which every client had a request in flight (its length in brackets; "
+               "'-' where there was none: more clients than slots, or a failed request). --rounds 4 gives "
+               "longer windows.")
+
+
+def steady_rate(results: list[dict]) -> tuple[float | None, float]:
+    """Output tokens/s while every client had a request in flight: from the last client's
+    first request to the first client's last token, as perf_analyzer measures a
+    concurrency in steady windows. The whole run's rate also counts the staggered start
+    and the tail, which weigh more on the faster system. (rate, window seconds); the rate
+    is None for a window under 0.3 s."""
+    by_client: dict[int, list[dict]] = {}
+    for r in results:
+        by_client.setdefault(r.get("client", 0), []).append(r)
+    if any(not r.get("times") for r in results):
+        return None, 0.0                 # a failed request leaves a hole in the window
+    begin = max(min(r["start"] for r in rs) for rs in by_client.values())
+    end = min(max(r["times"][-1] for r in rs) for rs in by_client.values())
+    if end - begin < 0.3:
+        return None, max(end - begin, 0.0)
+    tokens = sum(begin < t <= end for r in results for t in r["times"])
+    return tokens / (end - begin), end - begin
+
+
 def summarize(results: list[dict], elapsed: float, output_len: int) -> dict:
     ok = [r for r in results if not r.get("error") and r.get("times")]
+    steady, window = steady_rate(results)
     ttft = [r["times"][0] - r["start"] for r in ok]
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
     return {"requests": len(results), "errors": len(results) - len(ok),
@@ -116,6 +142,7 @@ def summarize(results: list[dict], elapsed: float, output_len: int) -> dict:
             "reconnects": sum(r.get("reconnects", 0) for r in results),
             "error_samples": sorted({str(r["error"])[:160] for r in results if r.get("error")})[:3],
             "tok_s": round(len(ok) * output_len / elapsed, 1),
+            "steady_tok_s": round(steady, 1) if steady else None, "steady_window_s": round(window, 2),
             "ttft_p50_ms": round(pct(ttft, 50) * 1000, 1) if ttft else None,
             "ttft_p99_ms": round(pct(ttft, 99) * 1000, 1) if ttft else None,
             "itl_p50_ms": round(pct(itl, 50) * 1000, 1) if itl else None,
@@ -293,17 +320,23 @@ def transformers_floor(ids: list[list[int]], levels: list[int], output_len: int)
 def render(report: dict) -> str:
     llama = {r["concurrency"]: r for r in report["systems"].get("llama-server (C++)", [])}
     floor = {r["concurrency"]: r for r in report.get("transformers", [])}
-    lines = ["| system | concurrency | output tok/s | vs llama-server | vs transformers | TTFT p50 / p99 ms | "
-             "ITL p50 / p99 ms | errors | retried: 429 / closed connection |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| system | concurrency | output tok/s | vs llama-server | steady tok/s (window s) | steady vs llama-server "
+             "| vs transformers | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors | retried: 429 / closed connection |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rows in report["systems"].items():
         for r in rows:
             c = r["concurrency"]
             vs_l = f"{r['tok_s'] / llama[c]['tok_s']:.3f}x" if c in llama and llama[c]["tok_s"] else ""
+            steady = r.get("steady_tok_s")
+            vs_ls = (f"{steady / llama[c]['steady_tok_s']:.3f}x"
+                     if steady and c in llama and llama[c].get("steady_tok_s") else "")
             vs_t = f"{r['tok_s'] / floor[c]['tok_s']:.3f}x" if c in floor else ""
-            lines.append(f"| {name} | {c} | {r['tok_s']} | {vs_l} | {vs_t} | {r['ttft_p50_ms']} / {r['ttft_p99_ms']} | "
+            steady_cell = f"{steady} ({r['steady_window_s']})" if steady else "-"
+            lines.append(f"| {name} | {c} | {r['tok_s']} | {vs_l} | {steady_cell} | "
+                         f"{vs_ls} | {vs_t} | {r['ttft_p50_ms']} / {r['ttft_p99_ms']} | "
                          f"{r['itl_p50_ms']} / {r['itl_p99_ms']} | {r['errors']} | {r.get('refused_429', '')} / {r.get('reconnects', '')} |")
     for r in report.get("transformers", []):
-        lines.append(f"| transformers generate fp32, one batch | {r['concurrency']} | {r['tok_s']} | | 1.000x | | | | |")
+        lines.append(f"| transformers generate fp32, one batch | {r['concurrency']} | {r['tok_s']} | | | | 1.000x | | | | |")
     ls = report.get("llama_server", {})
     lines.append("")
     commands = ls.get("commands") or [ls.get("command", ls.get("missing"))]
@@ -358,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     (OUT / f"serving-{stamp}.json").write_text(json.dumps(report, indent=1, default=str))
     (OUT / f"serving-{stamp}.md").write_text(f"# bench.serving {report['date']}\n\n{args.prompt_len} prompt tokens, "
                                              f"{args.output_len} output tokens, greedy, streaming, clients staggered "
-                                             f"by {args.stagger} s, {args.rounds} requests each (at least {args.min_requests} per level in all).\n\n{table}\n")
+                                             f"by {args.stagger} s, {args.rounds} requests each (at least {args.min_requests} per level in all). "
+                                             f"{STEADY_NOTE}\n\n{table}\n")
     plot(report, OUT / f"serving-{stamp}.png")
     print(table)
     print(f"\nwritten: docs/bench-results/serving-{stamp}.json, .md, .png")

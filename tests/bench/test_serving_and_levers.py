@@ -1,0 +1,78 @@
+"""bench.serving's steady window and bench.levers' weight forms, on made-up numbers and a
+one-product graph (no server, no export)."""
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bench.levers import int8_blocks, q4_1_grid, rewrite
+from bench.serving import steady_rate
+
+
+def _request(client, start, first, n, step):
+    return {"client": client, "start": start, "times": [first + i * step for i in range(n)]}
+
+
+def test_steady_rate_counts_only_while_every_client_is_in_flight():
+    # client 0: 10 tokens/s from t=0 to t=9.9; client 1 starts at 5, 10 tokens/s to t=14.9
+    results = [_request(0, 0.0, 0.0, 100, 0.1), _request(1, 5.0, 5.0, 100, 0.1)]
+    rate, window = steady_rate(results)
+    assert window == pytest.approx(4.9)           # from 5.0 (last start) to 9.9 (first finish)
+    assert rate == pytest.approx(20.0, rel=0.03)  # both streams at 10 tokens/s
+    # the whole run's rate is lower: 200 tokens over 14.9 s, the ramp and tail counted
+    assert 200 / 14.9 < rate
+
+
+def test_steady_rate_refuses_a_short_or_broken_window():
+    assert steady_rate([_request(0, 0.0, 0.0, 10, 0.01), _request(1, 0.05, 0.05, 10, 0.01)])[0] is None
+    broken = [_request(0, 0.0, 0.0, 100, 0.1), {"client": 1, "start": 1.0, "times": [], "error": "x"}]
+    assert steady_rate(broken) == (None, 0.0)
+
+
+def _q4_1_weights(k, n, seed=0):
+    """Weights as Q4_1 dequantizes them: per block of 32 along K, d * q + m."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, size=(n, k // 32, 32))
+    q[..., 0], q[..., 1] = 0, 15                   # Q4_1 puts a block's min at 0 and max at 15
+    d = rng.uniform(0.001, 0.02, size=(n, k // 32, 1)).astype(np.float16).astype(np.float32)
+    m = -rng.uniform(0.0, 0.15, size=(n, k // 32, 1)).astype(np.float16).astype(np.float32)
+    return (q * d + m).reshape(n, k).T.astype(np.float32)
+
+
+def test_q4_1_grid_recovers_the_blocks_and_refuses_other_weights():
+    w = _q4_1_weights(64, 8)
+    q, d, m = q4_1_grid(w)
+    assert np.allclose((q * d[..., None] + m[..., None]).reshape(8, 64).T, w, atol=1e-7)
+    with pytest.raises(ValueError, match="not on a Q4_1 grid"):
+        q4_1_grid(w + np.random.default_rng(1).normal(0, 0.003, w.shape).astype(np.float32))
+
+
+def test_int8_blocks_are_exact_for_q8_0_weights():
+    rng = np.random.default_rng(2)
+    scale = rng.uniform(0.001, 0.01, size=(16, 2, 1)).astype(np.float32)
+    q = rng.integers(-127, 128, size=(16, 2, 32))
+    q[..., 0] = 127
+    w = (q * scale).reshape(16, 64).T
+    b, s = int8_blocks(w)
+    assert np.array_equal(b.astype(np.int32) - 128, q)
+    assert np.allclose(s.reshape(16, 2, 1), scale)
+
+
+@pytest.mark.parametrize("form", ["Q4_1 exact", "int8 blocks"])
+def test_rewritten_product_equals_the_fp32_one(form):
+    k, n, vocab = 64, 48, 96      # the widest product is taken for the head (8-bit blocks)
+    w, head = _q4_1_weights(k, n), _q4_1_weights(k, vocab, seed=3)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("MatMul", ["x", "H"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(head, "H")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    rewrite(model, form)
+    ops = [nd.op_type for nd in model.graph.node]
+    assert "MatMulNBits" in ops and ops.count("MatMul") == (1 if form == "Q4_1 exact" else 0)
+    x = np.random.default_rng(4).normal(size=(1, 1, k)).astype(np.float32)
+    y, logits = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    # int8 activations per block of 32 are the only rounding left: within 1% of the output's scale
+    assert np.abs(y - x @ w).max() < 0.01 * np.abs(x @ w).max()
+    assert np.abs(logits - x @ head).max() < 0.01 * np.abs(x @ head).max()
