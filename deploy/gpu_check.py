@@ -11,6 +11,9 @@ image with the checkout mounted, or a Python 3.12 venv:
     pip install --no-deps --require-hashes -r deploy/requirements/serving-gpu.txt
     pip install -r requirements.lock  (minus onnxruntime and torch) && pip install --no-deps -e .
 It refuses to start without a CUDA device. The figures go to OUT/gpu-check-<time>.json.
+`--device cpu` runs the same flow on the CPU's default export (cached), as a dry run: the
+test suite runs it so that the script works before a GPU is at hand (its first run on a
+GPU failed on a missing setting that nothing had run before).
 """
 
 from __future__ import annotations
@@ -100,27 +103,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "build")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                   help="cpu: a dry run of the same flow on the CPU's default export")
     args = p.parse_args(argv)
     signal.alarm(DEADLINE_S)   # the whole check, whatever hangs
-    import torch
-    if not torch.cuda.is_available():
-        print("no CUDA device: this check needs an NVIDIA GPU", file=sys.stderr)
-        return 2
     from export.default_model import MODEL_ID, fetch_default_model
     from stack.ports import free_port
     from stack.triton import TritonServer
 
     tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     t0 = time.monotonic()
-    ckpt = fetch_default_model()
-    subprocess.run([sys.executable, "-m", "export.cli", str(ckpt), "--name", MODEL_ID, "--repository",
-                    str(tmp / "models"), "--precision", args.precision, "--device", "cuda", "--max-num-seqs",
-                    str(max(args.streams, 8)), "--quiet"], check=True)
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            print("no CUDA device: this check needs an NVIDIA GPU (--device cpu: a dry run)", file=sys.stderr)
+            return 2
+        device_name = torch.cuda.get_device_name(0)
+        ckpt = fetch_default_model()
+        subprocess.run([sys.executable, "-m", "export.cli", str(ckpt), "--name", MODEL_ID, "--repository",
+                        str(tmp / "models"), "--precision", args.precision, "--device", "cuda", "--max-num-seqs",
+                        str(max(args.streams, 8)), "--quiet"], check=True)
+    else:
+        from stack.default_model import DEFAULT_PRECISION, ensure_default_model
+        device_name, args.precision = "none: a dry run on the CPU", DEFAULT_PRECISION
+        ensure_default_model(tmp / "models", max_num_seqs=max(args.streams, 8))
     export_s = time.monotonic() - t0
     server = TritonServer.on_free_ports(tmp / "models", log_path=tmp / "triton.log")
     port = free_port()
+    # The adapter reads Triton's repository index, which tritonserver (stack/triton.py)
+    # answers only with this server's key: without it the circuit never closed (the
+    # first run on a GPU, docs/bench-results/gpu-engine-20261130.md).
     env = dict(os.environ, ADAPTER_HOST="127.0.0.1", ADAPTER_PORT=str(port), ADAPTER_DATABASE_URL="",
-               TRITON_GRPC_URLS=server.grpc_url, TRITON_HTTP_URLS=server.http_url)
+               TRITON_GRPC_URLS=server.grpc_url, TRITON_HTTP_URLS=server.http_url,
+               TRITON_REPOSITORY_KEY=server.repository_key)
     adapter = None
     try:
         t1 = time.monotonic()
@@ -139,14 +154,14 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.5)
         else:
             raise RuntimeError(f"adapter not ready; see {tmp / 'adapter.log'}")
-        print(f"GPU: {torch.cuda.get_device_name(0)}; export {export_s:.0f} s, load {load_s:.0f} s; prompts:")
+        print(f"GPU: {device_name}; export {export_s:.0f} s, load {load_s:.0f} s; prompts:")
         result = asyncio.run(_measure(url, MODEL_ID, args.streams, args.tokens))
     finally:
         if adapter is not None:
             adapter.terminate()
             adapter.wait(30)
         server.stop()
-    result.update({"gpu": torch.cuda.get_device_name(0), "precision": args.precision, "model": MODEL_ID,
+    result.update({"gpu": device_name, "device": args.device, "precision": args.precision, "model": MODEL_ID,
                    "export_s": export_s, "load_s": load_s, "date": time.strftime("%Y-%m-%d %H:%M")})
     print(f"{args.streams} streams x {args.tokens} tokens: {result['throughput_tok_s']:.1f} tok/s aggregate; "
           f"TTFT p50/p99 {result['ttft_p50_ms']:.1f}/{result['ttft_p99_ms']:.1f} ms; "
