@@ -102,11 +102,22 @@ def whole_sequence_feed(input_names: list[str], decoder: dict, ids: list[int]) -
     return feed
 
 
-class OnnxDecoder:
-    """Plain onnxruntime session over the builder's decoder (batch 1, KV cache)."""
+class ProviderUnavailable(RuntimeError):
+    """The target device's execution provider cannot run on this machine."""
 
-    def __init__(self, version_dir: Path):
+
+class OnnxDecoder:
+    """Plain onnxruntime session over the builder's decoder (batch 1, KV cache), on the
+    export's target device."""
+
+    def __init__(self, version_dir: Path, device: str = "cpu"):
         import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ProviderUnavailable(f"onnxruntime {ort.__version__} here has no CUDA execution provider")
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
         cfg = json.loads((version_dir / "genai_config.json").read_text())["model"]["decoder"]
         so = ort.SessionOptions()
@@ -116,7 +127,9 @@ class OnnxDecoder:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
         self.session = ort.InferenceSession(str(version_dir / cfg.get("filename", "model.onnx")), so,
-                                            providers=["CPUExecutionProvider"])
+                                            providers=providers)
+        if self.session.get_providers()[0] != providers[0]:   # onnxruntime-gpu on a machine without a GPU
+            raise ProviderUnavailable(f"onnxruntime could not start {providers[0]} here")
         self.layers = cfg["num_hidden_layers"]
         self.kv_heads = cfg["num_key_value_heads"]
         self.head = cfg["head_size"]
@@ -237,19 +250,20 @@ def fit_context(prompts: list[list[int]], n: int, context: int) -> tuple[list[li
 
 def verify_export(ckpt, version_dir: Path, opts) -> dict:
     """Compare the staged ONNX model with the source; a dict for the manifest."""
-    if opts.device != "cpu":
-        # The pinned onnxruntime is the CPU build: a CUDA graph (fp16, GPU-only kernels)
-        # cannot run here, and a CPU run of something else would prove nothing.
+    # A CUDA graph (fp16, GPU-only kernels) is verified on the GPU, where onnxruntime-gpu
+    # runs it (the first run on an H200 passed this way); elsewhere it cannot run, and a
+    # CPU run of something else would prove nothing.
+    try:
+        onnx = OnnxDecoder(version_dir, opts.device)
+    except ProviderUnavailable as err:
         return {"status": "skipped",
-                "reason": f"target device {opts.device} ({opts.precision}) cannot run with this machine's "
-                          "onnxruntime (CPU execution provider only); NOT verified. Verify on the target "
-                          "GPU before serving."}
+                "reason": f"target device {opts.device} ({opts.precision}) cannot run here ({err}); NOT "
+                          "verified. Verify on the target GPU before serving."}
     crit = CRITERIA[opts.precision]
     n = opts.verify_tokens
     start = time.monotonic()
     _progress(opts, "verifying: loading the source model with transformers (fp32, CPU)")
     ref = TorchDecoder(ckpt.path)
-    onnx = OnnxDecoder(version_dir)
     prompts, n = fit_context(prompt_ids(ckpt, version_dir), n, ckpt.context_length)
     _progress(opts, f"verifying: {len(prompts)} prompts, {n} greedy tokens each")
     runs = [(ref.greedy(p, n), onnx.greedy(p, n)) for p in prompts]
@@ -285,6 +299,7 @@ def verify_export(ckpt, version_dir: Path, opts) -> dict:
         "greedy": {"tokens": n, "agreed": agreed, "required": required,
                    "near_tie_at_divergence": ties, "tie_margin": tie},
         "seconds": round(time.monotonic() - start, 1),
+        "execution_provider": onnx.session.get_providers()[0],
     }
     if failures:
         result["reason"] = "; ".join(failures)

@@ -97,6 +97,7 @@ def test_gpu_target_is_marked_unverified(tiny_checkpoint, tmp_path):
     assert "kind: KIND_GPU" in (tmp_path / "g" / "config.pbtxt").read_text()
     v = json.loads((tmp_path / "g" / "1" / "manifest.json").read_text())["verification"]
     assert v["status"] == "skipped" and "NOT verified" in v["reason"]
+    assert "no CUDA execution provider" in v["reason"]      # the CPU build of onnxruntime here
     assert "verification  SKIPPED" in proc.stdout
 
 
