@@ -268,6 +268,7 @@ class Decoder:
             tdtype = torch.float16 if self.kv_dtype == np.float16 else torch.float32
             self.kv = [[torch.zeros(shape, dtype=tdtype, device="cuda") for _ in range(2)]
                        for _ in range(sp.num_layers)]
+            self._sync()   # the zeros are written on torch's stream; onnxruntime reads on its own
         else:
             # np.zeros maps untouched pages lazily: memory is used as sequences grow.
             self.kv = [[np.zeros(shape, dtype=self.kv_dtype) for _ in range(2)]
