@@ -10,9 +10,9 @@ need it, results are written after each stage (DIR/gpu-engine.json and .md), and
 whole run stops itself at --deadline seconds. Needs torch with CUDA, onnxruntime-gpu
 (CUDA 13), onnxruntime-genai (the model builder), transformers and gguf.
 
-`llm-export --device cuda` records its verification as skipped (export/verify.py runs
-the CPU execution provider only); stage `verify` runs the same verification
-(export.verify.verify_export, fp16 criteria) with the CUDA execution provider.
+Stage `verify` runs the export's verification (export.verify.verify_export, fp16
+criteria) on the target's execution provider, as `llm-export` itself now does where
+onnxruntime has the CUDA provider (the first run on an H200 verified it this way).
 
 `--device cpu` is a dry run of the same code on the CPU (the fp16 graph on the CPU
 execution provider), for checking this script without a GPU; `--checkpoint DIR` and
@@ -177,52 +177,16 @@ def run_export(ckpt: Path, repo: Path, precision: str, max_num_seqs: int, log_pa
 
 
 def verify_on_device(ckpt_dir: Path, version_dir: Path, precision: str, device: str) -> dict:
-    """export.verify.verify_export as llm-export runs it for a CPU export, with the ONNX
-    side on `device`'s execution provider (the source model stays fp32 on the CPU)."""
-    import numpy as np
-    import onnxruntime as ort
+    """export.verify.verify_export as llm-export runs it, the ONNX side on `device`'s
+    execution provider (the source model stays fp32 on the CPU)."""
+    from types import SimpleNamespace
 
     import export.verify as V
     from export.validate import validate_checkpoint
 
-    providers = ([("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"] if device == "cuda"
-                 else ["CPUExecutionProvider"])
-
-    class DeviceOnnxDecoder(V.OnnxDecoder):
-        """export.verify.OnnxDecoder with another execution provider (same feeds and outputs)."""
-
-        def __init__(self, vdir: Path):
-            cfg = json.loads((vdir / "genai_config.json").read_text())["model"]["decoder"]
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = V._cores()
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            so.log_severity_level = 3
-            self.session = ort.InferenceSession(str(vdir / cfg.get("filename", "model.onnx")), so,
-                                                providers=providers)
-            if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
-                raise RuntimeError(f"session providers {self.session.get_providers()}: no CUDA")
-            self.layers = cfg["num_hidden_layers"]
-            self.kv_heads = cfg["num_key_value_heads"]
-            self.head = cfg["head_size"]
-            inputs = {i.name: i for i in self.session.get_inputs()}
-            self.names = set(inputs)
-            self.kv_dtype = np.float16 if inputs["past_key_values.0.key"].type == "tensor(float16)" else np.float32
-
-    class Opts:
-        pass
-
-    opts = Opts()
-    # device "cpu" only gets verify_export past its "cannot run here" early return; the
-    # criterion is the export's precision's, the ONNX session is DeviceOnnxDecoder's.
-    opts.device, opts.precision, opts.verify_tokens, opts.quiet = "cpu", precision, 32, False
-    original = V.OnnxDecoder
-    V.OnnxDecoder = DeviceOnnxDecoder
-    try:
-        ckpt = validate_checkpoint(ckpt_dir)
-        result = V.verify_export(ckpt, version_dir, opts)
-    finally:
-        V.OnnxDecoder = original
-    result["onnx_providers"] = [p if isinstance(p, str) else p[0] for p in providers]
+    opts = SimpleNamespace(device=device, precision=precision, verify_tokens=32, quiet=False)
+    result = V.verify_export(validate_checkpoint(ckpt_dir), version_dir, opts)
+    result["onnx_providers"] = [result.get("execution_provider", "none: " + result.get("reason", ""))]
     result.pop("probes", None)
     return result
 
