@@ -18,6 +18,7 @@ from llm_backend.metrics import TritonMetrics
 from llm_backend.model_config import EngineParams
 from llm_backend.protocol import ResponseSink, parse_request
 from llm_backend.service import load_engine
+from llm_backend.stub_env import check_stub_environment
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -67,6 +68,10 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException(f"model {name}: config.pbtxt must set "
                                                 "model_transaction_policy { decoupled: true }")
+        problem = check_stub_environment()
+        if problem:
+            pb_utils.Logger.log_error(f"model {name} version {version} cannot load: {problem}")
+            raise pb_utils.TritonModelException(f"model {name} version {version} cannot load: {problem}")
         try:
             params = EngineParams.from_parameters(config.get("parameters", {}))
             version_dir = Path(args["model_repository"]) / version

@@ -500,3 +500,26 @@ def test_the_default_model_tokenizer_bound():
     assert c == 81
     for text in _prompts() + [" " * 5000, "#" * 5000]:
         assert len(text) <= c * len(encode(tok, text))
+
+
+# -- the stub's environment ---------------------------------------------------------------------
+
+
+def test_a_numpy_the_stub_package_excludes_refuses_the_load_with_the_reason():
+    from llm_backend.stub_env import numpy_problem
+
+    requires = ["numpy<2.0.0,>=1.21", "protobuf>=3.7", 'pytest~=8.1.1; extra == "test"']
+    problem = numpy_problem("2.5.2", requires, "0.7.0")
+    assert problem and "numpy 2.5.2" in problem and "nvidia-pytriton 0.7.0" in problem
+    assert "numpy<2.0.0,>=1.21" in problem                 # what to install instead
+    assert numpy_problem("1.26.4", requires, "0.7.0") is None
+    assert numpy_problem("2.5.2", ['numpy<2; extra == "test"']) is None   # an extra's pin is not the stub's
+
+
+def test_this_environment_meets_the_stub_packages_numpy_requirement():
+    from importlib import metadata
+
+    from llm_backend.stub_env import check_stub_environment
+
+    assert metadata.requires("nvidia-pytriton")              # the real metadata is read, not skipped
+    assert check_stub_environment() is None
