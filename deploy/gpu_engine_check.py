@@ -38,16 +38,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-MODEL_ID = "smollm2-135m-instruct"
-PROMPTS = [
-    "What is the capital of France?",
-    "Name three primary colors.",
-    "Write a haiku about the sea.",
-    "Explain what a GPU is in one sentence.",
-    "What is 12 times 12?",
-    "Give me a synonym for happy.",
-    "Translate 'good morning' into Spanish.",
-    "What is the boiling point of water in Celsius?",
+from deploy.gpu_check import PROMPTS as CHECK_PROMPTS  # noqa: E402  (the path is set above)
+from export.default_model import MODEL_ID  # noqa: E402
+
+# gpu_check.py's prompts and eight more: 16 rows for the batched-against-alone comparison
+PROMPTS = CHECK_PROMPTS + [
     "List the planets of the solar system.",
     "Who wrote Romeo and Juliet?",
     "Write one sentence about autumn leaves.",
@@ -155,6 +150,8 @@ def convert_gguf(gguf: Path, out_dir: Path) -> str:
 
 
 def run_export(ckpt: Path, repo: Path, precision: str, max_num_seqs: int, log_path: Path) -> dict:
+    from export.publish import versions
+
     cmd = [sys.executable, "-m", "export.cli", str(ckpt), "--name", MODEL_ID, "--repository", str(repo),
            "--precision", precision, "--device", "cuda", "--max-num-seqs", str(max_num_seqs)]
     t = time.monotonic()
@@ -166,9 +163,9 @@ def run_export(ckpt: Path, repo: Path, precision: str, max_num_seqs: int, log_pa
            "output_tail": proc.stdout[-3000:]}
     if proc.returncode != 0:
         raise RuntimeError(f"llm-export exited {proc.returncode}: {proc.stdout[-1500:]}")
-    versions = sorted((p for p in (repo / MODEL_ID).iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    res["version_dir"] = str(versions[-1])
-    manifest = json.loads((versions[-1] / "manifest.json").read_text())
+    version_dir = repo / MODEL_ID / str(versions(repo / MODEL_ID)[-1])
+    res["version_dir"] = str(version_dir)
+    manifest = json.loads((version_dir / "manifest.json").read_text())
     res["manifest_verification"] = manifest.get("verification")
     res["build_seconds"] = manifest.get("build_seconds")
     res["sizes"] = manifest.get("sizes")
@@ -273,16 +270,22 @@ def compare(alone: list[dict], batch: list[dict]) -> dict:
             "max_abs_logprob_diff": max(r["max_abs_logprob_diff"] for r in rows), "rows": rows}
 
 
+def engine_params(version_dir: Path, device: str):
+    """The export's own engine settings (its manifest), on `device`."""
+    from llm_backend.model_config import EngineParams
+
+    params = EngineParams(**json.loads((version_dir / "manifest.json").read_text())["engine_params"])
+    params.device = device
+    return params
+
+
 def engine_runs(version_dir: Path, device: str, max_tokens: int, prefix_cache: bool, timeout: float) -> dict:
     """load_engine (as model.py does) on `device`; each prompt alone, then all 16 at once."""
     import numpy as np
 
-    from llm_backend.model_config import EngineParams
     from llm_backend.service import load_engine
 
-    manifest = json.loads((version_dir / "manifest.json").read_text())
-    params = EngineParams(**manifest["engine_params"])
-    params.device = device
+    params = engine_params(version_dir, device)
     if not prefix_cache:
         params.prefix_cache_mb = 0
     t = time.monotonic()
@@ -315,12 +318,9 @@ def throughput(version_dir: Path, device: str, concurrency: int, max_tokens: int
     """`concurrency` requests at once, ignore_eos, `max_tokens` each, no log-probs (default
     engine settings), twice on one engine: the first run meets each batch size's shapes
     for the first time, the second the same shapes again."""
-    from llm_backend.model_config import EngineParams
     from llm_backend.service import load_engine
 
-    manifest = json.loads((version_dir / "manifest.json").read_text())
-    params = EngineParams(**manifest["engine_params"])
-    params.device = device
+    params = engine_params(version_dir, device)
     engine, tok = load_engine(version_dir, params)
     try:
         from llm_backend.preprocess import encode
