@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.results import write_run
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "bench" / "results"
 MODEL = "smollm2-135m-instruct"
@@ -354,14 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     report.update(measure_all(args, prompts, levels, tok))
     report["machine"]["load_average_after"] = os.getloadavg()
     table = render(report)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"engine-{stamp}.json").write_text(json.dumps(report, indent=1, default=str))
-    (RESULTS / f"engine-{stamp}.md").write_text(
-        f"# bench.engine {report['date']}\n\n{args.prompt_len} prompt tokens, {args.output_len} output tokens, "
-        f"greedy, {args.threads} threads, clients staggered by {args.stagger}s.\n\n{table}\n")
     print(table)
-    print(f"\nwritten: bench/results/engine-{stamp}.json, .md")
+    write_run(RESULTS, "engine", report,
+              f"# bench.engine {report['date']}\n\n{args.prompt_len} prompt tokens, {args.output_len} output tokens, "
+              f"greedy, {args.threads} threads, clients staggered by {args.stagger}s.\n\n{table}\n")
     return 0
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.engine import REPO_ROOT, RESULTS
+from bench.results import write_run
 
 
 def held_out_text(chunks: int, seed: int = 1, chars: int = 700) -> list[str]:
@@ -167,16 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         step = f"{r['step_ms_median']} ms ({r['step_ratio']:.3f})" if "step_ratio" in r else ""
         lines.append(f"| {name} | {r['kl_mean']} | {r['kl_p90']} | {r['kl_max']} | {r['top1_agree']:.1%} | {step} |")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     table = (f"# bench.int4_fidelity {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n"
              f"KL(fp32 || model) of the next-token distribution at {rows[names[0]]['positions']} positions of "
              f"held-out text ({args.chunks} chunks); step times from {args.rounds} turns of 25 one-row "
              "decode steps in one process.\n\n" + "\n".join(lines) + "\n")
     print("\n" + table)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"int4-fidelity-{stamp}.md").write_text(table)
-    (RESULTS / f"int4-fidelity-{stamp}.json").write_text(json.dumps({"rows": rows, "chunks": args.chunks}, indent=2))
-    print(f"wrote bench/results/int4-fidelity-{stamp}.md and .json")
+    write_run(RESULTS, "int4-fidelity", {"rows": rows, "chunks": args.chunks}, table)
     return 0
 
 

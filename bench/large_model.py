@@ -44,12 +44,13 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from bench.results import write_run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 OUT = REPO_ROOT / "docs" / "bench-results"
@@ -644,13 +645,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(repo, ignore_errors=True)
 
     table = render(report)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"large-model-{stamp}.json").write_text(json.dumps(report, indent=1, default=str))
-    (OUT / f"large-model-{stamp}.md").write_text(f"# bench.large_model {report['date']}\n\n{header(report)}\n\n"
-                                                 f"{table}\n")
     print(f"\n{header(report)}\n\n{table}")
-    print(f"\nwritten: docs/bench-results/large-model-{stamp}.json, .md")
+    write_run(OUT, "large-model", report, f"# bench.large_model {report['date']}\n\n{header(report)}\n\n{table}\n")
     return 0
 
 

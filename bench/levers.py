@@ -28,7 +28,6 @@ decode step at 1 and at 16 rows (each row 100 positions filled), the forms takin
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.int4_fidelity import fidelity, held_out_text, onnx_logits
+from bench.results import write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "bench-results"
@@ -222,17 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | {r['bytes_MB']} | {r['kl_mean']} | {r['kl_p90']} | {r['kl_max']} | "
                      f"{r['top1_agree']:.1%} | {r['step_ms_1_rows']} ms ({r['step_ms_1_rows'] / w['step_ms_1_rows']:.2f}x) | "
                      f"{r['step_ms_16_rows']} ms ({r['step_ms_16_rows'] / w['step_ms_16_rows']:.2f}x) |")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     table = (f"# bench.levers {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n"
              f"KL(fp32 || form) at {w['positions']} positions of held-out text ({args.chunks} chunks); median "
              f"decode step over {args.rounds} turns of 20 steps, rows at 100 positions, one session loaded at a time; "
              "ratios to w8a8. "
              "The file size includes the fp32 embedding table every form keeps.\n\n" + "\n".join(lines) + "\n")
     print("\n" + table)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"levers-{stamp}.md").write_text(table)
-    (OUT / f"levers-{stamp}.json").write_text(json.dumps({"rows": rows, "settings": vars(args)}, indent=2))
-    print(f"written: docs/bench-results/levers-{stamp}.md and .json")
+    write_run(OUT, "levers", {"rows": rows, "settings": vars(args)}, table)
     return 0
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import httpx
 
+from bench.results import write_run
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "bench-results"
 MODEL = "smollm2-135m-instruct"
@@ -386,16 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     report = run(args)
     table = render(report)
-    OUT.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (OUT / f"serving-{stamp}.json").write_text(json.dumps(report, indent=1, default=str))
-    (OUT / f"serving-{stamp}.md").write_text(f"# bench.serving {report['date']}\n\n{args.prompt_len} prompt tokens, "
-                                             f"{args.output_len} output tokens, greedy, streaming, clients staggered "
-                                             f"by {args.stagger} s, {args.rounds} requests each (at least {args.min_requests} per level in all). "
-                                             f"{STEADY_NOTE}\n\n{table}\n")
-    plot(report, OUT / f"serving-{stamp}.png")
     print(table)
-    print(f"\nwritten: docs/bench-results/serving-{stamp}.json, .md, .png")
+    base = write_run(OUT, "serving", report,
+                     f"# bench.serving {report['date']}\n\n{args.prompt_len} prompt tokens, {args.output_len} output "
+                     f"tokens, greedy, streaming, clients staggered by {args.stagger} s, {args.rounds} requests each "
+                     f"(at least {args.min_requests} per level in all). {STEADY_NOTE}\n\n{table}\n")
+    plot(report, Path(f"{base}.png"))
+    print(f"and the plot: {base.name}.png")
     return 0
 
 

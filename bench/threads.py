@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import statistics
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.results import write_run
 from bench.serving import (MODEL, OUT, ROOT, adapter_over, grpc_stream, load, openai_stream, prompts_for,
                            summarize, triton_serving)
 
@@ -119,16 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             offset += per_run
     report["load_average_after"] = os.getloadavg()
     table = render(report)
-    OUT.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    (OUT / f"threads-{stamp}.json").write_text(json.dumps(report, indent=1, default=str))
-    (OUT / f"threads-{stamp}.md").write_text(
+    print(table)
+    write_run(
+        OUT, "threads", report,
         f"# bench.threads {report['date']}\n\nThe default model through the whole stack ({os.cpu_count()} CPUs), "
         f"settings in turns over {args.rounds} rounds; 38-token prompts (each request its own), 64 greedy output "
         f"tokens; concurrency 1: 16 requests one after another; 16: 16 clients x 2. Load average "
         f"{report['load_average_before'][0]:.2f} before, {report['load_average_after'][0]:.2f} after.\n\n{table}\n")
-    print(table)
-    print(f"\nwritten: docs/bench-results/threads-{stamp}.json, .md")
     return 0
 
 

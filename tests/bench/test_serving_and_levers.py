@@ -1,5 +1,8 @@
 """bench.serving's steady window and bench.levers' weight forms, on made-up numbers and a
 one-product graph (no server, no export)."""
+import json
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -76,3 +79,12 @@ def test_rewritten_product_equals_the_fp32_one(form):
     # int8 activations per block of 32 are the only rounding left: within 1% of the output's scale
     assert np.abs(y - x @ w).max() < 0.01 * np.abs(x @ w).max()
     assert np.abs(logits - x @ head).max() < 0.01 * np.abs(x @ head).max()
+
+
+def test_a_run_is_written_as_one_json_and_markdown_pair(tmp_path):
+    from bench.results import write_run
+
+    base = write_run(tmp_path / "out", "levers", {"rows": {"w8a8": {"kl_mean": 0.047}}}, "# table\n")
+    assert base.parent == tmp_path / "out" and base.name.startswith("levers-")
+    assert json.loads(Path(f"{base}.json").read_text()) == {"rows": {"w8a8": {"kl_mean": 0.047}}}
+    assert Path(f"{base}.md").read_text() == "# table\n"
