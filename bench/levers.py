@@ -13,16 +13,24 @@ against fidelity, each derived from the fp32 export (the GGUF dequantized):
   int4, int8 head     the same with the LM head as 8-bit MatMulNBits in blocks of 32,
                       which is the GGUF's own Q8_0 head, exactly
   int8 blocks         every weight product as one 8-bit MatMulNBits node, blocks of 32
-  Q4_1 exact          the GGUF's own 4-bit grid, w = d*q + m: MatMulNBits with scale d
-                      (zero point 8) plus a block-sum term, blocksum(x) @ (m + 8d), per
-                      product (four more nodes); the head as in "int4, int8 head". Exact
-                      to the fp32 export but for the int8 activations, as llama.cpp's.
+  Q4_1, integer zero points
+                      the GGUF's own 4-bit grid, w = d*q + m, as MatMulNBits d*(q - z)
+                      with z = round(-m/d): the kernel's fast path, but each block off by
+                      up to half a step (the head as in "int4, int8 head")
+  Q4_1 exact          the same, and the residual m + d*z put back in the same product:
+                      the block sums of x appended to x, the residuals as 4-bit weight
+                      rows under them (three small nodes before it). Exact to the fp32
+                      export but for the int8 activations (and 1/30 of the residual's
+                      spread), as llama.cpp's Q4_1 x Q8_1 product is.
 
 Fidelity: KL(fp32 || form) of the next-token distribution at every position of held-out
 text (bench.int4_fidelity's), and how often the top-1 token agrees. Speed: the median
 decode step at 1 and at 16 rows (each row 100 positions filled), the forms taking turns
-(`--rounds` turns of 20 steps each, one session loaded at a time). Writes docs/bench-results/levers-<time>.json and
-.md. Not a test.
+(`--rounds` turns of 20 steps each, one session loaded at a time). A one-row step reads
+every weight once: the table sets the bytes of the weights a step reads (all but the
+embedding table, of which it reads one row) against the step, as GB/s, beside the
+machine's own read rate (an onnxruntime ReduceSum over 256 MB, measured in the same
+run). Writes docs/bench-results/levers-<time>.json and .md. Not a test.
 """
 
 from __future__ import annotations
@@ -68,8 +76,46 @@ def q4_1_grid(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q.astype(np.uint8), d, m
 
 
+def pack4(a: np.ndarray) -> np.ndarray:
+    """4-bit values (0..15) -> bytes along the last axis, low nibble first (MatMulNBits'
+    order for weights and zero points); an odd count is padded with a zero."""
+    if a.shape[-1] % 2:
+        a = np.concatenate([a, np.zeros((*a.shape[:-1], 1), a.dtype)], axis=-1)
+    return (a[..., 0::2] | (a[..., 1::2] << 4)).astype(np.uint8)
+
+
+def q4_1_as_nbits(w: np.ndarray, residual: bool) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """[K, N] weights on a Q4_1 grid -> MatMulNBits (K', weights, scales, zero points).
+
+    Each block becomes d * (q - z) with the integer zero point z = round(-m / d), the
+    kernel's fast path; what that leaves, r = m + d*z (at most half a step, the same for
+    the whole block), is the block's error. With `residual`, r goes into the same product
+    as extra input rows: the input gets its block sums appended (x' = [x, blocksum(x)],
+    K' = K + K/32) and the weight rows under them hold r, quantized to 4 bits per output
+    column (an error of 1/30 of r's spread). blocksum(x) * r then adds back what z left
+    out, so the product is the Q4_1 one but for that and the int8 activations."""
+    q, d, m = q4_1_grid(w)
+    n, kb = d.shape
+    z = np.clip(np.rint(-m / np.where(d > 0, d, 1.0)), 0, 15)
+    blocks, scales, zeros, k = q, d, z, w.shape[0]
+    if residual:
+        extra = -(-kb // BLOCK)                                # blocks holding the kb residuals
+        r = np.zeros((n, extra * BLOCK))
+        r[:, :kb] = m + d * z
+        r = r.reshape(n, extra, BLOCK)
+        lo, hi = r.min(axis=2), r.max(axis=2)
+        rs = np.where(hi > lo, (hi - lo) / 15.0, 1.0)
+        rz = np.clip(np.rint(-lo / rs), 0, 15)
+        rq = np.clip(np.rint(r / rs[..., None] + rz[..., None]), 0, 15)
+        blocks, scales = np.concatenate([q, rq], axis=1), np.concatenate([d, rs], axis=1)
+        zeros, k = np.concatenate([z, rz], axis=1), k + kb
+    return (k, pack4(blocks.astype(np.uint8)), scales.astype(np.float32).reshape(-1),
+            pack4(zeros.astype(np.uint8)))
+
+
 def rewrite(model, form: str) -> None:
-    """Every MatMul with a constant 2-D weight of an fp32 export, in `form`."""
+    """Every MatMul with a constant 2-D weight of an fp32 export, in `form` ("int8 blocks",
+    "Q4_1 exact" or "Q4_1, integer zero points"); the LM head as 8-bit blocks in all."""
     from onnx import helper, numpy_helper
 
     from export.graph_rewrite import drop_unused_initializers, group_by_input, replace_groups, split_node
@@ -85,9 +131,13 @@ def rewrite(model, form: str) -> None:
     groups = group_by_input(g, key)
     g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "levers/axes"))
 
-    def nbits(x, y, p, k, n, bits, b, s):
+    def nbits(x, y, p, k, n, bits, b, s, zp=None):
         g.initializer.extend([numpy_helper.from_array(b, f"{p}/B"), numpy_helper.from_array(s, f"{p}/S")])
-        return helper.make_node("MatMulNBits", [x, f"{p}/B", f"{p}/S"], [y], domain=DOMAIN, name=f"{p}/MatMulNBits",
+        inputs = [x, f"{p}/B", f"{p}/S"]
+        if zp is not None:
+            g.initializer.append(numpy_helper.from_array(zp, f"{p}/Z"))
+            inputs.append(f"{p}/Z")
+        return helper.make_node("MatMulNBits", inputs, [y], domain=DOMAIN, name=f"{p}/MatMulNBits",
                                 K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=4)
 
     def emit(nodes):
@@ -99,19 +149,18 @@ def rewrite(model, form: str) -> None:
         y = outputs[0] if len(nodes) == 1 else f"{p}/y"
         if form == "int8 blocks" or n == vocab:
             out = [nbits(x, y, p, k, n, 8, *int8_blocks(w))]
-        else:   # Q4_1 exact: d*(q - 8) + (m + 8d), the second term per block
-            q, d, m = q4_1_grid(w)
-            packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-            g.initializer.extend([
-                numpy_helper.from_array(np.array([0, 0, k // BLOCK, BLOCK], np.int64), f"{p}/blocks_shape"),
-                numpy_helper.from_array((m + 8.0 * d).T.astype(np.float32), f"{p}/offsets")])
-            out = [nbits(x, f"{p}/main", p, k, n, 4, packed, d.astype(np.float32).reshape(-1)),
-                   helper.make_node("Reshape", [x, f"{p}/blocks_shape"], [f"{p}/blocks"], name=f"{p}/Reshape"),
+        elif form == "Q4_1, integer zero points":
+            k4, b, s, zp = q4_1_as_nbits(w, residual=False)
+            out = [nbits(x, y, p, k4, n, 4, b, s, zp)]
+        else:   # Q4_1 exact: the block sums appended to x, the residuals as weight rows under them
+            kr, b, s, zp = q4_1_as_nbits(w, residual=True)
+            g.initializer.append(numpy_helper.from_array(np.array([0, 0, k // BLOCK, BLOCK], np.int64),
+                                                         f"{p}/blocks_shape"))
+            out = [helper.make_node("Reshape", [x, f"{p}/blocks_shape"], [f"{p}/blocks"], name=f"{p}/Reshape"),
                    helper.make_node("ReduceSum", [f"{p}/blocks", "levers/axes"], [f"{p}/block_sums"], keepdims=0,
                                     name=f"{p}/ReduceSum"),
-                   helper.make_node("MatMul", [f"{p}/block_sums", f"{p}/offsets"], [f"{p}/offset_term"],
-                                    name=f"{p}/MatMul"),
-                   helper.make_node("Add", [f"{p}/main", f"{p}/offset_term"], [y], name=f"{p}/Add")]
+                   helper.make_node("Concat", [x, f"{p}/block_sums"], [f"{p}/x_sums"], axis=-1, name=f"{p}/Concat"),
+                   nbits(f"{p}/x_sums", y, p, kr, n, 4, b, s, zp)]
         if len(nodes) > 1:
             out.append(split_node(g, y, outputs, [a.shape[1] for a in ws], p))
         return out
@@ -156,6 +205,51 @@ def lm_head(fp32_dir: Path) -> np.ndarray:
     model = onnx.load(str(fp32_dir / "model.onnx"))
     return max((numpy_helper.to_array(t) for t in model.graph.initializer if len(t.dims) == 2),
                key=lambda a: a.shape[1]).astype(np.float32)
+
+
+def weight_bytes(version_dir: Path) -> int:
+    """Bytes of the initializers a decode step reads whole: all but those only gathered
+    from (the embedding table, of which a step reads one row per token), also where the
+    graph transposes the table first (a tied head: onnxruntime folds that at load)."""
+    import onnx
+
+    g = onnx.load(str(version_dir / "model.onnx")).graph
+    gathers = ("Gather", "GatherBlockQuantized")
+    gathered = {n.input[0] for n in g.node if n.op_type in gathers}
+    while True:
+        more = {n.input[0] for n in g.node if n.op_type in ("Transpose", "Cast", "Reshape")
+                and set(n.output) <= gathered} - gathered
+        if not more:
+            break
+        gathered |= more
+    read = {i for n in g.node if not set(n.output) <= gathered and n.op_type not in gathers for i in n.input}
+    return sum(len(t.raw_data) for t in g.initializer if t.name in read)
+
+
+def read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
+    """GB/s of an onnxruntime ReduceSum over `mb` MB of fp32 (the engine's threads): what
+    reading the weights once per step could reach here at best."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from llm_backend.decoder import cpu_count
+
+    n = mb * 2**20 // 4
+    graph = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], "read",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = cpu_count()
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+                                   .SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.ones(n, np.float32)
+    session.run(None, {"x": x})
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, {"x": x})
+        best = min(best, time.perf_counter() - start)
+    return n * 4 / best / 1e9
 
 
 def step_times(dirs: dict[str, Path], rounds: int, steps: int = 20, rows: tuple[int, ...] = (1, 16)) -> dict:
@@ -206,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         forms = {"w8a8 (default)": base["w8a8"], "int4": base["int4"],
                  "int4, int8 head": derive(base["int4"], tmp / "int4-head8", lambda m: int8_head(m, head)),
                  "int8 blocks": derive(base["fp32"], tmp / "int8-blocks", lambda m: rewrite(m, "int8 blocks")),
+                 "Q4_1, integer zero points": derive(base["fp32"], tmp / "q4_1-zp",
+                                                     lambda m: rewrite(m, "Q4_1, integer zero points")),
                  "Q4_1 exact": derive(base["fp32"], tmp / "q4_1-exact", lambda m: rewrite(m, "Q4_1 exact"))}
         tok = Tokenizer.from_file(str(base["fp32"] / "tokenizer.json"))
         samples = [tok.encode(t).ids for t in held_out_text(args.chunks)]
@@ -215,20 +311,27 @@ def main(argv: list[str] | None = None) -> int:
         for name, t in step_times(forms, args.rounds).items():
             rows[name].update(t)
             rows[name]["bytes_MB"] = round(sum(f.stat().st_size for f in forms[name].glob("model.onnx*")) / 1e6)
+            rows[name]["step_reads_MB"] = round(weight_bytes(forms[name]) / 1e6, 1)
+        bandwidth = read_bandwidth()
     w = rows["w8a8 (default)"]
-    lines = ["| form | file MB | KL mean | KL p90 | KL max | top-1 agrees | step at 1 row | at 16 rows |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| form | file MB | KL mean | KL p90 | KL max | top-1 agrees | step at 1 row | at 16 rows "
+             "| weights a step reads | read at 1 row |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
+        r["read_GBps_1_row"] = round(r["step_reads_MB"] / r["step_ms_1_rows"], 1)
         lines.append(f"| {name} | {r['bytes_MB']} | {r['kl_mean']} | {r['kl_p90']} | {r['kl_max']} | "
                      f"{r['top1_agree']:.1%} | {r['step_ms_1_rows']} ms ({r['step_ms_1_rows'] / w['step_ms_1_rows']:.2f}x) | "
-                     f"{r['step_ms_16_rows']} ms ({r['step_ms_16_rows'] / w['step_ms_16_rows']:.2f}x) |")
+                     f"{r['step_ms_16_rows']} ms ({r['step_ms_16_rows'] / w['step_ms_16_rows']:.2f}x) | "
+                     f"{r['step_reads_MB']} MB | {r['read_GBps_1_row']} GB/s |")
     table = (f"# bench.levers {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n"
              f"KL(fp32 || form) at {w['positions']} positions of held-out text ({args.chunks} chunks); median "
              f"decode step over {args.rounds} turns of 20 steps, rows at 100 positions, one session loaded at a time; "
              "ratios to w8a8. "
-             "The file size includes the fp32 embedding table every form keeps.\n\n" + "\n".join(lines) + "\n")
+             "The file size includes the fp32 embedding table every form keeps; a step reads every other "
+             f"weight once. This machine reads {bandwidth:.1f} GB/s at best (onnxruntime ReduceSum over 256 MB, "
+             "same run).\n\n" + "\n".join(lines) + "\n")
     print("\n" + table)
-    write_run(OUT, "levers", {"rows": rows, "settings": vars(args)}, table)
+    write_run(OUT, "levers", {"rows": rows, "read_GBps": round(bandwidth, 1), "settings": vars(args)}, table)
     return 0
 
 

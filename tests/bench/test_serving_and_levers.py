@@ -38,7 +38,8 @@ def _q4_1_weights(k, n, seed=0):
     q = rng.integers(0, 16, size=(n, k // 32, 32))
     q[..., 0], q[..., 1] = 0, 15                   # Q4_1 puts a block's min at 0 and max at 15
     d = rng.uniform(0.001, 0.02, size=(n, k // 32, 1)).astype(np.float16).astype(np.float32)
-    m = -rng.uniform(0.0, 0.15, size=(n, k // 32, 1)).astype(np.float16).astype(np.float32)
+    # the minimum of a block of weights around zero: 3 to 12 steps below it
+    m = (-d * rng.uniform(3.0, 12.0, size=(n, k // 32, 1))).astype(np.float16).astype(np.float32)
     return (q * d + m).reshape(n, k).T.astype(np.float32)
 
 
@@ -61,24 +62,40 @@ def test_int8_blocks_are_exact_for_q8_0_weights():
     assert np.allclose(s.reshape(16, 2, 1), scale)
 
 
-@pytest.mark.parametrize("form", ["Q4_1 exact", "int8 blocks"])
-def test_rewritten_product_equals_the_fp32_one(form):
-    k, n, vocab = 64, 48, 96      # the widest product is taken for the head (8-bit blocks)
+def _rewritten_errors(form, k=64, n=48, vocab=96):
+    """Largest error of the rewritten product and head against the fp32 ones, relative to
+    the largest output; and the op types of the rewritten graph. The widest product is
+    taken for the head (8-bit blocks); it reads its own input, as in a decoder."""
     w, head = _q4_1_weights(k, n), _q4_1_weights(k, vocab, seed=3)
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("MatMul", ["x", "H"], ["logits"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, k])],
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("MatMul", ["h", "H"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(a, TensorProto.FLOAT, [1, 1, k])
+                                           for a in ("x", "h")],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
                                helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(w, "W"), numpy_helper.from_array(head, "H")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     rewrite(model, form)
-    ops = [nd.op_type for nd in model.graph.node]
-    assert "MatMulNBits" in ops and ops.count("MatMul") == (1 if form == "Q4_1 exact" else 0)
-    x = np.random.default_rng(4).normal(size=(1, 1, k)).astype(np.float32)
-    y, logits = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    x, h = np.random.default_rng(4).normal(size=(2, 1, 1, k)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, logits = session.run(None, {"x": x, "h": h})
+    rel = lambda got, want: float(np.abs(got - want).max() / np.abs(want).max())   # noqa: E731
+    return rel(y, x @ w), rel(logits, h @ head), [nd.op_type for nd in model.graph.node]
+
+
+@pytest.mark.parametrize("form", ["Q4_1 exact", "int8 blocks"])
+def test_rewritten_product_equals_the_fp32_one(form):
+    err, head_err, ops = _rewritten_errors(form)
+    assert ops.count("MatMulNBits") == 2 and "MatMul" not in ops
     # int8 activations per block of 32 are the only rounding left: within 1% of the output's scale
-    assert np.abs(y - x @ w).max() < 0.01 * np.abs(x @ w).max()
-    assert np.abs(logits - x @ head).max() < 0.01 * np.abs(x @ head).max()
+    assert err < 0.01 and head_err < 0.01
+
+
+def test_the_q4_1_residual_is_what_makes_the_product_exact():
+    exact, _, ops = _rewritten_errors("Q4_1 exact", k=256)
+    rounded, _, rounded_ops = _rewritten_errors("Q4_1, integer zero points", k=256)
+    assert ops.count("Concat") == 1 and rounded_ops.count("MatMulNBits") == 2 and "Concat" not in rounded_ops
+    # zero points rounded to integers leave each block up to half a step off
+    assert rounded > 5 * exact
 
 
 def test_a_run_is_written_as_one_json_and_markdown_pair(tmp_path):
