@@ -2,7 +2,8 @@
 
 In turns in one run, on the same prompts (fixed length, `ignore_eos` so every request
 makes exactly `--output-len` tokens, greedy), streaming, clients starting `--stagger`
-seconds apart, at each concurrency:
+seconds apart, at each concurrency (level by level, the systems back to back, so that
+the machine's drift over minutes falls on both sides of a ratio):
 
     ours (OpenAI API)   tritonserver + the adapter, as `make serve` runs them
     ours (gRPC)         the model directly over Triton's gRPC stream: the adapter's cost
@@ -179,6 +180,7 @@ def triton_serving(repo: Path, tmp: Path):
     """tritonserver on free ports over the model repository `repo`, stopped on exit."""
     from stack.triton import TritonServer
 
+    tmp.mkdir(parents=True, exist_ok=True)
     triton = TritonServer.on_free_ports(repo, log_path=tmp / "triton.log").start_ready(300)
     try:
         yield triton
@@ -225,12 +227,10 @@ def run(args) -> dict:
                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                 "load_average_before": os.getloadavg()}, "systems": {}}
 
-    def measure(name: str, make_send, around=None) -> None:
-        """make_send() -> (send, close), called inside the run's event loop; `around(c)`, if
-        given, is a context manager each level runs in (a server set up for it)."""
-        rows = []
-
-        async def level(c: int):
+    def measure(name: str, c: int, make_send) -> None:
+        """One level of one system: make_send() -> (send, close), called inside the run's
+        event loop; the row goes to report["systems"][name]."""
+        async def level():
             send, close = make_send()
             try:
                 await send(warm_up)
@@ -238,18 +238,12 @@ def run(args) -> dict:
             finally:
                 await close()
 
-        for c in levels:
-            if around is None:
-                results, elapsed = asyncio.run(level(c))
-            else:
-                with around(c):
-                    results, elapsed = asyncio.run(level(c))
-            row = {"concurrency": c, **summarize(results, elapsed, args.output_len)}
-            rows.append(row)
-            print(f"{name:22s} c={c:3d} {row['tok_s']:8.1f} tok/s  TTFT p50 {row['ttft_p50_ms']} ms  "
-                  f"errors {row['errors']} {row['statuses']} 429s {row['refused_429']} {row['error_samples']}",
-                  flush=True)
-        report["systems"][name] = rows
+        results, elapsed = asyncio.run(level())
+        row = {"concurrency": c, **summarize(results, elapsed, args.output_len)}
+        report["systems"].setdefault(name, []).append(row)
+        print(f"{name:22s} c={c:3d} {row['tok_s']:8.1f} tok/s  TTFT p50 {row['ttft_p50_ms']} ms  "
+              f"errors {row['errors']} {row['statuses']} 429s {row['refused_429']} {row['error_samples']}",
+              flush=True)
 
     def openai_sender(url: str, model: str):
         http = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=max(levels) * 2))
@@ -258,42 +252,46 @@ def run(args) -> dict:
             return await openai_stream(http, url, model, texts[i % len(texts)], args.output_len)
         return send, http.aclose
 
-    with triton_serving(repo, tmp) as triton:
-        with adapter_over(triton, tmp) as adapter:
-            measure("ours, OpenAI API", lambda: openai_sender(adapter.url, MODEL))
+    def ours(c: int) -> None:
+        """Our stack, started for this level and stopped after it: nothing of ours (the
+        adapter's health probes generate every second) runs beside llama-server."""
+        with triton_serving(repo, tmp / f"stack-{c}") as triton:
+            with adapter_over(triton, tmp / f"stack-{c}") as adapter:
+                measure("ours, OpenAI API", c, lambda: openai_sender(adapter.url, MODEL))
 
-        def grpc_sender():
-            import tritonclient.grpc.aio as grpcclient
-            client = grpcclient.InferenceServerClient(triton.grpc_url)
+            def grpc_sender():
+                import tritonclient.grpc.aio as grpcclient
+                client = grpcclient.InferenceServerClient(triton.grpc_url)
 
-            async def send(i: int) -> dict:
-                return await grpc_stream(client, MODEL, ids[i % len(ids)], args.output_len)
-            return send, client.close
-        measure("ours, gRPC", grpc_sender)
+                async def send(i: int) -> dict:
+                    return await grpc_stream(client, MODEL, ids[i % len(ids)], args.output_len)
+                return send, client.close
+            measure("ours, gRPC", c, grpc_sender)
+
+    def llama(c: int) -> None:
+        """A server sized for the level, as its users run it: one slot per client (-np),
+        the context for those slots, one HTTP thread per client (its default pool is
+        smaller than 64 connections)."""
+        server = LlamaServer(fetch_default_gguf(), free_port(), os.cpu_count() or 2, c,
+                             args.prompt_len + args.output_len + 64, tmp / f"llama-server-{c}.log",
+                             extra=["--threads-http", str(c + 4)])
+        report["llama_server"]["commands"].append(
+            " ".join(server.command[1:]).replace(str(fetch_default_gguf()), "SmolLM2-135M-Instruct.Q4_1.gguf"))
+        try:
+            measure("llama-server (C++)", c, lambda: openai_sender(server.url, MODEL))
+        finally:
+            server.stop()
 
     if BINARY.exists():
-        # At each level a server sized for it, as its users run it: one slot per client
-        # (-np), the context for those slots, one HTTP thread per client (its default pool
-        # is smaller than 64 connections).
-        servers = {"url": None}
-
-        @contextlib.contextmanager
-        def llama_server_for(c: int):
-            server = LlamaServer(fetch_default_gguf(), free_port(), os.cpu_count() or 2, c,
-                                 args.prompt_len + args.output_len + 64, tmp / f"llama-server-{c}.log",
-                                 extra=["--threads-http", str(c + 4)])
-            report["llama_server"]["commands"].append(
-                " ".join(server.command[1:]).replace(str(fetch_default_gguf()), "SmolLM2-135M-Instruct.Q4_1.gguf"))
-            servers["url"] = server.url
-            try:
-                yield
-            finally:
-                server.stop()
-
         report["llama_server"] = {"commands": [], "forced_off": "nothing"}
-        measure("llama-server (C++)", lambda: openai_sender(servers["url"], MODEL), around=llama_server_for)
     else:
         report["llama_server"] = {"missing": f"{BINARY} not built: python -m bench.llama_server build"}
+    # Level by level, the systems back to back: this machine's speed drifts by 10-15% over
+    # minutes, and a ratio is only as good as the two runs being close in time.
+    for c in levels:
+        ours(c)
+        if BINARY.exists():
+            llama(c)
     if not args.no_transformers:
         report["transformers"] = transformers_floor(ids, levels, args.output_len)
     report["machine"]["load_average_after"] = os.getloadavg()
