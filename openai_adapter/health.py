@@ -80,7 +80,8 @@ class Prober:
                 models[m.name] = "no successful generation in the last " \
                                  f"{self.settings.health_max_age_s:g} s ({self.last_error.get(m.name, 'not probed yet')})"
         endpoints = {ep.grpc_url: ("open" if ep.breaker.is_open else "closed") for ep in self.pool.endpoints}
-        ready = bool(models) and all(v == "ready" for v in models.values())
+        working = [v == "ready" for v in models.values()]
+        ready = bool(models) and (any(working) if self.settings.ready_when == "any" else all(working))
         return ready, {"models": models, "circuits": endpoints}
 
     async def run(self) -> None:

@@ -6,7 +6,7 @@ Each field's alias is its environment variable; `Settings(field=value)` (tests) 
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, ClassVar, Mapping
+from typing import Annotated, Any, ClassVar, Literal, Mapping
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -57,6 +57,11 @@ class Settings(BaseSettings):
     silence_probe_s: float = _env("ADAPTER_SILENCE_PROBE_S", "silence_probe_s", 0.3, ge=0)
     health_max_age_s: float = _env("ADAPTER_HEALTH_MAX_AGE_S", "health_max_age_s", 10.0)
     health_probe_generation: bool = _env("ADAPTER_HEALTH_PROBE_GENERATION", "health_probe_generation", True)
+    # /health/ready with several models: "any" is ready while one of them works (a router
+    # that can serve stays in the Service; a broken model shows in the body, in
+    # adapter_model_ready and its alert); "all" needs every model working, so one broken
+    # model takes every adapter replica out, for all models. One model: the same.
+    ready_when: Literal["any", "all"] = _env("ADAPTER_READY_WHEN", "ready_when", "any")
     upstream_timeout_s: float = _env("ADAPTER_UPSTREAM_TIMEOUT_S", "upstream_timeout_s", 5.0)
     breaker_failures: int = _env("ADAPTER_BREAKER_FAILURES", "breaker_failures", 3, ge=1)
     breaker_open_s: float = _env("ADAPTER_BREAKER_OPEN_S", "breaker_open_s", 1.0)

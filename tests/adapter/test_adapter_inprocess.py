@@ -7,6 +7,7 @@ import json
 import pytest
 
 from adapter_testlib import FakeClient, app_client  # type: ignore[import-not-found]
+from openai_adapter.triton_client import ModelInfo
 
 CHAT = "/v1/chat/completions"
 COMP = "/v1/completions"
@@ -361,6 +362,31 @@ async def test_prober_does_not_queue_a_probe_behind_full_slots_while_tokens_flow
     await asyncio.sleep(0.25)  # the tokens stopped
     await prober._generate(object(), "fake")
     assert Pool.sent == 2
+
+
+@pytest.mark.parametrize("ready_when, ready_with_one_broken", [("any", True), ("all", False)])
+def test_readiness_with_one_model_broken_follows_ready_when(ready_when, ready_with_one_broken):
+    # Several models behind one adapter: with "all", one model that cannot generate takes
+    # every adapter replica out of the Service, for the models that work too.
+    from openai_adapter.health import Prober
+    from openai_adapter.metrics import Metrics
+    from openai_adapter.settings import Settings
+
+    class Pool:
+        endpoints: list = []
+
+        def models(self):
+            return [ModelInfo(name, max_model_len=64) for name in ("a", "b")]
+
+    prober = Prober(Pool(), Settings(ready_when=ready_when), Metrics())
+    ready, body = prober.status()
+    assert not ready  # nothing proved yet
+    prober.note_success("a")
+    ready, body = prober.status()
+    assert ready is ready_with_one_broken
+    assert body["models"]["a"] == "ready" and body["models"]["b"].startswith("no successful generation")
+    prober.note_success("b")
+    assert prober.status()[0]
 
 
 def _silence_setup(answer):
