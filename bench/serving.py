@@ -12,8 +12,9 @@ the machine's drift over minutes falls on both sides of a ratio):
                         repacking and continuous batching on
     transformers        `generate`, fp32, the same prompts as one batch: the floor
 
-Writes docs/bench-results/serving-<time>.json, .md and a PNG of throughput and time to
-first token against concurrency, and prints the table with the ratios.
+Writes docs/bench-results/serving-<time>.json, .md and a PNG of throughput, time to
+first token and inter-token latency (p50, p99) against concurrency, and prints the table
+with the ratios.
 
     python -m bench.serving [--concurrency 1 4 16 64] [--output-len 64] [--rounds 2]
 """
@@ -346,28 +347,33 @@ def render(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
+    """Throughput, time to first token and inter-token latency (p50 and p99) against
+    concurrency, one colour per system."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
     for name, rows in report["systems"].items():
         cs = [r["concurrency"] for r in rows]
         (line,) = a.plot(cs, [r["tok_s"] for r in rows], marker="o", label=name)
-        b.plot(cs, [r["ttft_p50_ms"] for r in rows], marker="o", color=line.get_color(), label=f"{name} p50")
-        b.plot(cs, [r["ttft_p99_ms"] for r in rows], marker="x", linestyle="--", color=line.get_color(),
-               label=f"{name} p99")
+        for ax, metric in ((b, "ttft"), (c, "itl")):
+            ax.plot(cs, [r[f"{metric}_p50_ms"] for r in rows], marker="o", color=line.get_color(), label=f"{name} p50")
+            ax.plot(cs, [r[f"{metric}_p99_ms"] for r in rows], marker="x", linestyle="--", color=line.get_color(),
+                    label=f"{name} p99")
     if report.get("transformers"):
         rows = report["transformers"]
         a.plot([r["concurrency"] for r in rows], [r["tok_s"] for r in rows], marker="s", label="transformers fp32")
-    for ax, title, unit in ((a, "aggregate output", "tokens/s"), (b, "time to first token", "ms")):
+    for ax, title, unit in ((a, "aggregate output", "tokens/s"), (b, "time to first token", "ms"),
+                            (c, "inter-token latency", "ms")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent streams")
         ax.set_ylabel(unit)
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
     a.legend(fontsize=7)
-    b.legend(fontsize=6)
-    b.set_yscale("log")
+    for ax in (b, c):
+        ax.legend(fontsize=6)
+        ax.set_yscale("log")
     fig.suptitle(f"bench.serving {report['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
