@@ -111,23 +111,26 @@ async def load(send, concurrency: int, rounds: int, stagger: float) -> tuple[lis
 
 
 STEADY_NOTE = ("Output tok/s is the whole run's, the staggered start and the tail included; steady tok/s "
-               "counts only the window in which every client had a request in flight (its length in brackets; "
-               "'-' where there was none: more clients than slots, or a failed request). --rounds 4 gives "
-               "longer windows.")
+               "counts only the window from when every client had finished its first request and sent its "
+               "next, to the first client's last token: clients cycling, new requests prefilled beside the "
+               "others' decoding (its length in brackets; '-' where there was none, or a request failed).")
 
 
 def steady_rate(results: list[dict]) -> tuple[float | None, float]:
-    """Output tokens/s while every client had a request in flight: from the last client's
-    first request to the first client's last token, as perf_analyzer measures a
-    concurrency in steady windows. The whole run's rate also counts the staggered start
-    and the tail, which weigh more on the faster system. (rate, window seconds); the rate
-    is None for a window under 0.3 s."""
+    """Output tokens/s in the closed loop's steady state: from the moment every client has
+    finished its first request and sent its next, to the first client's last token. New
+    requests then arrive, and are prefilled, while others decode, as in perf_analyzer's
+    windows at a concurrency. The first round is left out: its requests all started in
+    the ramp and decode together with no newcomer, a stretch of pure decoding that made the
+    faster system look faster still, well above what perf_analyzer measures in its steady
+    windows at that concurrency. (rate, window seconds); the rate is None for a window
+    under 0.3 s, a client with one request, or a failed request."""
     by_client: dict[int, list[dict]] = {}
     for r in results:
         by_client.setdefault(r.get("client", 0), []).append(r)
-    if any(not r.get("times") for r in results):
+    if any(not r.get("times") for r in results) or any(len(rs) < 2 for rs in by_client.values()):
         return None, 0.0                 # a failed request leaves a hole in the window
-    begin = max(min(r["start"] for r in rs) for rs in by_client.values())
+    begin = max(sorted(r["start"] for r in rs)[1] for rs in by_client.values())
     end = min(max(r["times"][-1] for r in rs) for rs in by_client.values())
     if end - begin < 0.3:
         return None, max(end - begin, 0.0)
@@ -384,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
     ap.add_argument("--prompt-len", type=int, default=38)
     ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2, help="requests per client")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="requests per client (the steady window leaves out the first)")
     ap.add_argument("--min-requests", type=int, default=16, help="requests per level at least (more rounds at low concurrency)")
     ap.add_argument("--stagger", type=float, default=0.1, help="seconds between client starts")
     ap.add_argument("--no-transformers", action="store_true")

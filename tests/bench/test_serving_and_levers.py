@@ -16,19 +16,32 @@ def _request(client, start, first, n, step):
     return {"client": client, "start": start, "times": [first + i * step for i in range(n)]}
 
 
-def test_steady_rate_counts_only_while_every_client_is_in_flight():
-    # client 0: 10 tokens/s from t=0 to t=9.9; client 1 starts at 5, 10 tokens/s to t=14.9
-    results = [_request(0, 0.0, 0.0, 100, 0.1), _request(1, 5.0, 5.0, 100, 0.1)]
+def test_steady_rate_counts_only_while_every_client_cycles():
+    # two clients, two requests each, 10 tokens/s; client 1 starts 5 s after client 0
+    results = [_request(0, 0.0, 0.0, 100, 0.1), _request(0, 10.0, 10.0, 100, 0.1),
+               _request(1, 5.0, 5.0, 100, 0.1), _request(1, 15.0, 15.0, 100, 0.1)]
     rate, window = steady_rate(results)
-    assert window == pytest.approx(4.9)           # from 5.0 (last start) to 9.9 (first finish)
+    # from 15.0 (every client on its second request) to 19.9 (client 0's last token)
+    assert window == pytest.approx(4.9)
     assert rate == pytest.approx(20.0, rel=0.03)  # both streams at 10 tokens/s
-    # the whole run's rate is lower: 200 tokens over 14.9 s, the ramp and tail counted
-    assert 200 / 14.9 < rate
+    # the whole run's rate is lower: 400 tokens over 24.9 s, the ramp and tail counted
+    assert 400 / 24.9 < rate
+
+
+def test_steady_rate_leaves_out_the_first_round():
+    # The first round decodes with no newcomer: here 50 tokens/s a client, where the
+    # cycling rounds after it make 10. Only those count.
+    results = [_request(c, 0.0, 0.0, 100, 0.02) for c in (0, 1)]
+    results += [_request(c, 2.0, 2.0, 100, 0.1) for c in (0, 1)]
+    assert steady_rate(results)[0] == pytest.approx(20.0, rel=0.03)
+    assert steady_rate([_request(0, 0.0, 0.0, 100, 0.1), _request(1, 0.0, 0.0, 100, 0.1)]) == (None, 0.0)
 
 
 def test_steady_rate_refuses_a_short_or_broken_window():
-    assert steady_rate([_request(0, 0.0, 0.0, 10, 0.01), _request(1, 0.05, 0.05, 10, 0.01)])[0] is None
-    broken = [_request(0, 0.0, 0.0, 100, 0.1), {"client": 1, "start": 1.0, "times": [], "error": "x"}]
+    short = [_request(c, s, s, 10, 0.01) for c in (0, 1) for s in (0.0, 0.2)]
+    assert steady_rate(short)[0] is None
+    broken = [_request(0, 0.0, 0.0, 100, 0.1), _request(0, 10.0, 10.0, 100, 0.1),
+              {"client": 1, "start": 1.0, "times": [], "error": "x"}]
     assert steady_rate(broken) == (None, 0.0)
 
 
