@@ -63,7 +63,9 @@ class LlamaServer:
             except OSError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server did not start (exit {self.proc.poll()}); see {log}")
+                code = self.proc.poll()
+                self.stop()
+                raise RuntimeError(f"llama-server did not start (exit {code}); see {log}")
             time.sleep(0.3)
 
     def stop(self) -> None:

@@ -16,7 +16,7 @@ Writes docs/bench-results/serving-<time>.json, .md and a PNG of throughput, time
 first token and inter-token latency (p50, p99) against concurrency, and prints the table
 with the ratios.
 
-    python -m bench.serving [--concurrency 1 4 16 64] [--output-len 64] [--rounds 2]
+    python -m bench.serving [--concurrency 1 4 16 64] [--output-len 64] [--rounds 4]
 """
 from __future__ import annotations
 
@@ -128,7 +128,8 @@ def steady_rate(results: list[dict]) -> tuple[float | None, float]:
     by_client: dict[int, list[dict]] = {}
     for r in results:
         by_client.setdefault(r.get("client", 0), []).append(r)
-    if any(not r.get("times") for r in results) or any(len(rs) < 2 for rs in by_client.values()):
+    if (not results or any(r.get("error") or not r.get("times") for r in results)
+            or any(len(rs) < 2 for rs in by_client.values())):
         return None, 0.0                 # a failed request leaves a hole in the window
     begin = max(sorted(r["start"] for r in rs)[1] for rs in by_client.values())
     end = min(max(r["times"][-1] for r in rs) for rs in by_client.values())
@@ -291,11 +292,17 @@ def run(args) -> dict:
     else:
         report["llama_server"] = {"missing": f"{BINARY} not built: python -m bench.llama_server build"}
     # Level by level, the systems back to back: this machine's speed drifts by 10-15% over
-    # minutes, and a ratio is only as good as the two runs being close in time.
-    for c in levels:
-        ours(c)
-        if BINARY.exists():
-            llama(c)
+    # minutes, and a ratio is only as good as the two runs being close in time. Which goes
+    # first alternates, so that a drift within a level does not always favour one side.
+    for i, c in enumerate(levels):
+        systems = [ours, llama] if BINARY.exists() else [ours]
+        for system in systems if i % 2 == 0 else systems[::-1]:
+            try:
+                system(c)
+            except Exception as err:   # a server that did not start: the other levels still run
+                print(f"{system.__name__} at c={c} failed: {err}", file=sys.stderr, flush=True)
+                report.setdefault("failures", []).append({"system": system.__name__, "concurrency": c,
+                                                          "error": str(err)[:500]})
     if not args.no_transformers:
         report["transformers"] = transformers_floor(ids, levels, args.output_len)
     report["machine"]["load_average_after"] = os.getloadavg()
@@ -346,6 +353,8 @@ def render(report: dict) -> str:
     commands = ls.get("commands") or [ls.get("command", ls.get("missing"))]
     lines.append("llama-server, a fresh one per concurrency: " + "; ".join(f"`{c}`" for c in commands)
                  + f"; forced off: {ls.get('forced_off', '-')}.")
+    for f in report.get("failures", []):
+        lines.append(f"\n**{f['system']} at concurrency {f['concurrency']} did not run:** {f['error']}")
     return "\n".join(lines)
 
 
