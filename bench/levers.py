@@ -88,12 +88,14 @@ def q4_1_as_nbits(w: np.ndarray, residual: bool) -> tuple[int, np.ndarray, np.nd
     """[K, N] weights on a Q4_1 grid -> MatMulNBits (K', weights, scales, zero points).
 
     Each block becomes d * (q - z) with the integer zero point z = round(-m / d), the
-    kernel's fast path; what that leaves, r = m + d*z (at most half a step, the same for
-    the whole block), is the block's error. With `residual`, r goes into the same product
-    as extra input rows: the input gets its block sums appended (x' = [x, blocksum(x)],
+    kernel's fast path; what that leaves, r = m + d*z (the same for the whole block; at
+    most half a step, unless the block lies all on one side of zero and z is clipped to
+    0..15: none is in SmolLM2's GGUF), is the block's error. With `residual`, r goes into the same product as extra
+    input rows: the input gets its block sums appended (x' = [x, blocksum(x)],
     K' = K + K/32) and the weight rows under them hold r, quantized to 4 bits per output
-    column (an error of 1/30 of r's spread). blocksum(x) * r then adds back what z left
-    out, so the product is the Q4_1 one but for that and the int8 activations."""
+    column and group of 32 blocks over a range that includes zero (an error of at most
+    1/30 of that range). blocksum(x) * r then adds back what z left out, so the product is
+    the Q4_1 one but for that and the int8 activations."""
     q, d, m = q4_1_grid(w)
     n, kb = d.shape
     z = np.clip(np.rint(-m / np.where(d > 0, d, 1.0)), 0, 15)
@@ -103,7 +105,8 @@ def q4_1_as_nbits(w: np.ndarray, residual: bool) -> tuple[int, np.ndarray, np.nd
         r = np.zeros((n, extra * BLOCK))
         r[:, :kb] = m + d * z
         r = r.reshape(n, extra, BLOCK)
-        lo, hi = r.min(axis=2), r.max(axis=2)
+        # zero inside the range keeps the zero point within 0..15 (else r clips)
+        lo, hi = np.minimum(r.min(axis=2), 0.0), np.maximum(r.max(axis=2), 0.0)
         rs = np.where(hi > lo, (hi - lo) / 15.0, 1.0)
         rz = np.clip(np.rint(-lo / rs), 0, 15)
         rq = np.clip(np.rint(r / rs[..., None] + rz[..., None]), 0, 15)
@@ -129,7 +132,8 @@ def rewrite(model, form: str) -> None:
         return node.input[0] if w is not None and len(w.dims) == 2 else None
 
     groups = group_by_input(g, key)
-    g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "levers/axes"))
+    if form == "Q4_1 exact":
+        g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), "levers/axes"))
 
     def nbits(x, y, p, k, n, bits, b, s, zp=None):
         g.initializer.extend([numpy_helper.from_array(b, f"{p}/B"), numpy_helper.from_array(s, f"{p}/S")])

@@ -45,14 +45,17 @@ def test_steady_rate_refuses_a_short_or_broken_window():
     assert steady_rate(broken) == (None, 0.0)
 
 
-def _q4_1_weights(k, n, seed=0):
-    """Weights as Q4_1 dequantizes them: per block of 32 along K, d * q + m."""
+def _q4_1_weights(k, n, seed=0, one_sided=0):
+    """Weights as Q4_1 dequantizes them: per block of 32 along K, d * q + m. The minimum
+    of a block around zero is 3 to 12 steps below it; the first `one_sided` blocks of each
+    column lie all above zero (their zero point clips)."""
     rng = np.random.default_rng(seed)
     q = rng.integers(0, 16, size=(n, k // 32, 32))
     q[..., 0], q[..., 1] = 0, 15                   # Q4_1 puts a block's min at 0 and max at 15
     d = rng.uniform(0.001, 0.02, size=(n, k // 32, 1)).astype(np.float16).astype(np.float32)
-    # the minimum of a block of weights around zero: 3 to 12 steps below it
-    m = (-d * rng.uniform(3.0, 12.0, size=(n, k // 32, 1))).astype(np.float16).astype(np.float32)
+    steps = rng.uniform(3.0, 12.0, size=(n, k // 32, 1))
+    steps[:, :one_sided] = -rng.uniform(2.0, 6.0, size=(n, one_sided, 1))
+    m = (-d * steps).astype(np.float16).astype(np.float32)
     return (q * d + m).reshape(n, k).T.astype(np.float32)
 
 
@@ -75,11 +78,11 @@ def test_int8_blocks_are_exact_for_q8_0_weights():
     assert np.allclose(s.reshape(16, 2, 1), scale)
 
 
-def _rewritten_errors(form, k=64, n=48, vocab=96):
+def _rewritten_errors(form, k=64, n=48, vocab=96, one_sided=0):
     """Largest error of the rewritten product and head against the fp32 ones, relative to
     the largest output; and the op types of the rewritten graph. The widest product is
     taken for the head (8-bit blocks); it reads its own input, as in a decoder."""
-    w, head = _q4_1_weights(k, n), _q4_1_weights(k, vocab, seed=3)
+    w, head = _q4_1_weights(k, n, one_sided=one_sided), _q4_1_weights(k, vocab, seed=3)
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("MatMul", ["h", "H"], ["logits"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(a, TensorProto.FLOAT, [1, 1, k])
                                            for a in ("x", "h")],
@@ -101,6 +104,16 @@ def test_rewritten_product_equals_the_fp32_one(form):
     assert ops.count("MatMulNBits") == 2 and "MatMul" not in ops
     # int8 activations per block of 32 are the only rounding left: within 1% of the output's scale
     assert err < 0.01 and head_err < 0.01
+
+
+@pytest.mark.parametrize("one_sided", [2, 32])
+def test_the_q4_1_residual_still_helps_where_zero_points_clip(one_sided):
+    # 32 blocks a column, one full group of residuals. Blocks lying all above zero clip
+    # their zero point to 0 and leave residuals of several steps, which 4 bits carry less
+    # exactly (none clip in SmolLM2's GGUF); the product stays far closer than without them.
+    exact, _, _ = _rewritten_errors("Q4_1 exact", k=1024, one_sided=one_sided)
+    rounded, _, _ = _rewritten_errors("Q4_1, integer zero points", k=1024, one_sided=one_sided)
+    assert exact < 0.05 and exact < rounded / 4
 
 
 def test_the_q4_1_residual_is_what_makes_the_product_exact():
