@@ -120,11 +120,12 @@ def steady_rate(results: list[dict]) -> tuple[float | None, float]:
     """Output tokens/s in the closed loop's steady state: from the moment every client has
     finished its first request and sent its next, to the first client's last token. New
     requests then arrive, and are prefilled, while others decode, as in perf_analyzer's
-    windows at a concurrency. The first round is left out: its requests all started in
-    the ramp and decode together with no newcomer, a stretch of pure decoding that made the
-    faster system look faster still, well above what perf_analyzer measures in its steady
-    windows at that concurrency. (rate, window seconds); the rate is None for a window
-    under 0.3 s, a client with one request, or a failed request."""
+    windows at a concurrency (bench.cross_check runs perf_analyzer itself). The first
+    round is left out: the window used to start at the last client's first request, at
+    the end of the ramp, where nearly every request was decoding at once and none was
+    being prefilled; for the faster system it was short (0.5 s at 16 streams) and measured
+    decoding more than the steady state. (rate, window seconds); the rate is None for a
+    window under 0.3 s, a client with one request, or a failed request."""
     by_client: dict[int, list[dict]] = {}
     for r in results:
         by_client.setdefault(r.get("client", 0), []).append(r)
