@@ -54,10 +54,10 @@ def parse(text: str) -> dict:
     return out
 
 
-def perf_analyzer(url: str, c: int, prompts: list[str], window_ms: int, stability: int, tmp: Path) -> dict:
+def perf_analyzer(url: str, c: int, prompts: list[str], window_ms: int, stability: int, path: Path) -> dict:
+    """One concurrency against the OpenAI API at `url`, its input data written to `path`."""
     data = {"data": [{"payload": [{"model": MODEL, "prompt": p, "max_tokens": OUTPUT_LEN, "ignore_eos": True,
                                    "temperature": 0, "stream": True}]} for p in prompts]}
-    path = tmp / f"input-{len(list(tmp.iterdir()))}.json"
     path.write_text(json.dumps(data))
     cmd = [sys.executable, "-m", "stack.perf_analyzer", "-m", MODEL, "--service-kind", "openai",
            "--endpoint", "v1/completions", "-u", url.removeprefix("http://"), "--async", "-H", "Connection: close",
@@ -79,10 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from bench.llama_server import BINARY, LlamaServer
-    from export.default_model import fetch_default_gguf
     from llm_backend.service import load_tokenizer
     from stack.default_model import ensure_default_model
-    from stack.ports import free_port
 
     if not BINARY.exists():
         print(f"{BINARY} not built: python -m bench.llama_server build", file=sys.stderr)
@@ -97,11 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         ours_prompts = texts[2 * i * per_system:(2 * i + 1) * per_system]
         llama_prompts = texts[(2 * i + 1) * per_system:(2 * i + 2) * per_system]
         with triton_serving(repo, tmp / f"stack-{c}") as triton, adapter_over(triton, tmp / f"stack-{c}") as adapter:
-            ours = perf_analyzer(adapter.url, c, ours_prompts, args.window_ms, args.stability, tmp)
-        server = LlamaServer(fetch_default_gguf(), free_port(), os.cpu_count() or 2, c, PROMPT_LEN + 2 * OUTPUT_LEN,
-                             tmp / f"llama-server-{c}.log", extra=["--threads-http", str(c + 4)])
+            ours = perf_analyzer(adapter.url, c, ours_prompts, args.window_ms, args.stability,
+                                 tmp / f"input-ours-{c}.json")
+        server = LlamaServer.for_clients(c, PROMPT_LEN + 2 * OUTPUT_LEN, tmp / f"llama-server-{c}.log")
         try:
-            llama = perf_analyzer(server.url, c, llama_prompts, args.window_ms, args.stability, tmp)
+            llama = perf_analyzer(server.url, c, llama_prompts, args.window_ms, args.stability,
+                                  tmp / f"input-llama-{c}.json")
         finally:
             server.stop()
         ratio = (round(ours["requests_per_s"] / llama["requests_per_s"], 3)

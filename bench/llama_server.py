@@ -68,6 +68,17 @@ class LlamaServer:
                 raise RuntimeError(f"llama-server did not start (exit {code}); see {log}")
             time.sleep(0.3)
 
+    @classmethod
+    def for_clients(cls, clients: int, ctx_per_slot: int, log: Path) -> "LlamaServer":
+        """The default model's GGUF served as its users size a server for `clients`: every
+        core, one slot per client (-np), the context for those slots, one HTTP thread per
+        client (its default pool is smaller than 64 connections)."""
+        from export.default_model import fetch_default_gguf
+        from stack.ports import free_port
+
+        return cls(fetch_default_gguf(), free_port(), os.cpu_count() or 2, clients, ctx_per_slot, log,
+                   extra=["--threads-http", str(clients + 4)])
+
     def stop(self) -> None:
         self.proc.terminate()
         try:

@@ -213,7 +213,6 @@ def adapter_over(triton, tmp: Path):
 def run(args) -> dict:
     from export.default_model import fetch_default_gguf
     from llm_backend.service import load_tokenizer
-    from stack.ports import free_port
 
     from bench.llama_server import BINARY, LlamaServer
 
@@ -275,12 +274,8 @@ def run(args) -> dict:
             measure("ours, gRPC", c, grpc_sender)
 
     def llama(c: int) -> None:
-        """A server sized for the level, as its users run it: one slot per client (-np),
-        the context for those slots, one HTTP thread per client (its default pool is
-        smaller than 64 connections)."""
-        server = LlamaServer(fetch_default_gguf(), free_port(), os.cpu_count() or 2, c,
-                             args.prompt_len + args.output_len + 64, tmp / f"llama-server-{c}.log",
-                             extra=["--threads-http", str(c + 4)])
+        """A server sized for the level, as its users run it (`LlamaServer.for_clients`)."""
+        server = LlamaServer.for_clients(c, args.prompt_len + args.output_len + 64, tmp / f"llama-server-{c}.log")
         report["llama_server"]["commands"].append(
             " ".join(server.command[1:]).replace(str(fetch_default_gguf()), "SmolLM2-135M-Instruct.Q4_1.gguf"))
         try:
