@@ -46,6 +46,7 @@ import numpy as np
 
 from bench.int4_fidelity import fidelity, held_out_text, onnx_logits
 from bench.results import write_run
+from export.int4_requant import pack4
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "bench-results"
@@ -76,25 +77,17 @@ def q4_1_grid(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q.astype(np.uint8), d, m
 
 
-def pack4(a: np.ndarray) -> np.ndarray:
-    """4-bit values (0..15) -> bytes along the last axis, low nibble first (MatMulNBits'
-    order for weights and zero points); an odd count is padded with a zero."""
-    if a.shape[-1] % 2:
-        a = np.concatenate([a, np.zeros((*a.shape[:-1], 1), a.dtype)], axis=-1)
-    return (a[..., 0::2] | (a[..., 1::2] << 4)).astype(np.uint8)
-
-
 def q4_1_as_nbits(w: np.ndarray, residual: bool) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
     """[K, N] weights on a Q4_1 grid -> MatMulNBits (K', weights, scales, zero points).
 
     Each block becomes d * (q - z) with the integer zero point z = round(-m / d), the
     kernel's fast path; what that leaves, r = m + d*z (the same for the whole block; at
     most half a step, unless the block lies all on one side of zero and z is clipped to
-    0..15: none is in SmolLM2's GGUF), is the block's error. With `residual`, r goes into the same product as extra
-    input rows: the input gets its block sums appended (x' = [x, blocksum(x)],
-    K' = K + K/32) and the weight rows under them hold r, quantized to 4 bits per output
-    column and group of 32 blocks over a range that includes zero (an error of at most
-    1/30 of that range). blocksum(x) * r then adds back what z left out, so the product is
+    0..15: none is in SmolLM2's GGUF), is the block's error. With `residual`, r goes into
+    the same product as extra input rows: the input gets its block sums appended
+    (x' = [x, blocksum(x)], K' = K + K/32) and the weight rows under them hold r, quantized
+    to 4 bits per output column and group of 32 blocks over a range that includes zero
+    (an error of at most 1/30 of that range). blocksum(x) * r then adds back what z left out, so the product is
     the Q4_1 one but for that and the int8 activations."""
     q, d, m = q4_1_grid(w)
     n, kb = d.shape

@@ -129,13 +129,17 @@ def _quantize_columns(w: np.ndarray, block: int, imp: np.ndarray) -> tuple[np.nd
         for slot, value in enumerate((err, scale, zero, q)):
             best[slot][better] = value[better]
     _, scale, zero, q = best
-    q = q.astype(np.uint8).reshape(n, nb, block)
-    packed = q[:, :, 0::2] | (q[:, :, 1::2] << 4)
-    zero = zero.astype(np.uint8).reshape(n, nb)
-    if nb % 2:
-        zero = np.concatenate([zero, np.zeros((n, 1), np.uint8)], axis=1)
-    zero_packed = zero[:, 0::2] | (zero[:, 1::2] << 4)
+    packed = pack4(q.astype(np.uint8).reshape(n, nb, block))
+    zero_packed = pack4(zero.astype(np.uint8).reshape(n, nb))
     return packed, scale.reshape(n, nb).astype(np.float32), zero_packed
+
+
+def pack4(a: np.ndarray) -> np.ndarray:
+    """4-bit values (0..15) -> bytes along the last axis, low nibble first (MatMulNBits'
+    order for weights and zero points); an odd count is padded with a zero."""
+    if a.shape[-1] % 2:
+        a = np.concatenate([a, np.zeros((*a.shape[:-1], 1), a.dtype)], axis=-1)
+    return (a[..., 0::2] | (a[..., 1::2] << 4)).astype(np.uint8)
 
 
 def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, zero_packed: np.ndarray) -> np.ndarray:
