@@ -146,6 +146,12 @@ async def test_overload_gives_429_with_retry_after_at_once(stack):
                 await asyncio.sleep(0.05)
             else:
                 pytest.fail("the slow requests were not admitted/queued")
+            # Admitted is not yet started: the backend must hold all four before the
+            # disconnects, or the cancellation checks below race the gRPC send.
+            for _ in range(100):
+                if len(list(stack["marks"].glob("busy*.started"))) >= 4:
+                    break
+                await asyncio.sleep(0.05)
             t = time.monotonic()
             r = await http.post(url + "/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 1})
             assert r.status_code == 429 and r.headers["retry-after"]
