@@ -3,6 +3,8 @@ sending, and the metrics of what was sent.
 
 Text is held back while it could be part of a UTF-8 character or of a stop string
 (detokenizer.py); a stop string ends the request (FINISHED_STOPPED) and is never sent.
+After the first piece, text goes out once per `stream_interval` tokens (vLLM's and
+SGLang's option of that name).
 Everything leaves through the outbox (responder.py), in order, off the engine thread.
 """
 
@@ -22,13 +24,17 @@ class TextState:
     stops: StopStringBuffer
     logprobs: list[float] = field(default_factory=list)   # of tokens whose text is not sent yet
     tail: str = ""                                        # text released by the finishing token
+    unsent: str = ""                                      # text held for the stream interval
+    held: int = 0                                         # tokens since the last response
+    sent: bool = False                                    # the first piece has gone
 
 
 class OutputProcessor:
     """`add_request` may be called from any thread; the rest from the engine thread."""
 
-    def __init__(self, tokenizer, outbox, metrics: Metrics | None = None):
+    def __init__(self, tokenizer, outbox, metrics: Metrics | None = None, stream_interval: int = 1):
         self.tok = tokenizer
+        self.stream_interval = max(1, stream_interval)
         self.send = outbox.send
         self.metrics = metrics or NullMetrics()
         self._last_state = None
@@ -45,19 +51,25 @@ class OutputProcessor:
         if logprob is not None:
             st.logprobs.append(logprob)
         text = st.stops.push(st.detok.push(token))
-        if st.stops.stopped:
-            req.status = RequestStatus.FINISHED_STOPPED
-            st.tail = text
-        elif req.status is RequestStatus.FINISHED_LENGTH:
-            st.tail = text
-        elif text:
+        st.held += 1
+        if st.stops.stopped or req.status is RequestStatus.FINISHED_LENGTH:
+            if st.stops.stopped:
+                req.status = RequestStatus.FINISHED_STOPPED
+            st.tail, st.unsent = st.unsent + text, ""
+            return
+        st.unsent += text
+        # The first text goes at once (time to first token); after it, one response per
+        # `stream_interval` tokens: each response costs the serving path (Triton, the
+        # adapter, the client) CPU beside the engine's.
+        if st.unsent and (not st.sent or st.held >= self.stream_interval):
+            text, st.unsent, st.held, st.sent = st.unsent, "", 0, True
             logprobs, st.logprobs = st.logprobs, []
             self.send(req.sink.piece, text, logprobs, len(req.prompt), len(req.output))
 
     def finish(self, req: Request) -> None:
         """The last response of a finished request: the text still held, finish_reason."""
         st = req.output_state
-        tail = st.tail
+        tail = st.unsent + st.tail                # EOS ends a request without an output token
         if not st.stops.stopped:
             tail += st.stops.push(st.detok.flush())
             tail += st.stops.flush()

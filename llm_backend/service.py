@@ -45,14 +45,14 @@ def kv_slots(params: EngineParams, row_bytes: int) -> int:
 
 def build_core(decoder, tokenizer, outbox: Responder, *, max_model_len: int, max_queue_size: int,
                prefill_chunk: int, prefix_cache: PrefixCache | None = None, metrics: Metrics | None = None,
-               eos_token_ids: list[int] | None = None) -> EngineCore:
+               eos_token_ids: list[int] | None = None, stream_interval: int = 1) -> EngineCore:
     """The engine's step machine over a decoder (tests pass a fake one); its output goes
     through `outbox`."""
     kv = KVCacheManager(decoder, prefix_cache)
     eos = decoder.spec.eos_token_ids if eos_token_ids is None else eos_token_ids
     scheduler = Scheduler(kv, max_model_len=max_model_len, max_queue_size=max_queue_size,
                           prefill_chunk=prefill_chunk, eos_token_ids=eos)
-    return EngineCore(decoder, scheduler, OutputProcessor(tokenizer, outbox, metrics), outbox)
+    return EngineCore(decoder, scheduler, OutputProcessor(tokenizer, outbox, metrics, stream_interval), outbox)
 
 
 def start_engine(core: EngineCore, tokenizer, *, chars_per_token: int | None, tokenize_workers: int,
@@ -86,7 +86,7 @@ def load_engine(version_dir: Path, params: EngineParams, metrics=None) -> tuple[
     core = build_core(decoder, tokenizer, Responder(), max_model_len=params.max_model_len,
                       max_queue_size=params.max_queue_size, prefill_chunk=params.prefill_chunk,
                       prefix_cache=PrefixCache(params.prefix_cache_mb * 2**20),
-                      metrics=metrics, eos_token_ids=sorted(eos))
+                      metrics=metrics, eos_token_ids=sorted(eos), stream_interval=params.stream_interval)
     chars_per_token = max_chars_per_token(tokenizer)
     if chars_per_token is None:
         log.warning("this tokenizer gives no bound on characters per token: every prompt is tokenized "

@@ -248,6 +248,42 @@ def test_streamed_pieces_carry_the_running_token_counts():
     assert sink.counts == [(2, 1), (2, 4)] and sink.end == ("stop", 2, 7)
 
 
+def test_stream_interval_sends_the_first_piece_at_once_then_one_per_n_tokens():
+    """Time to first token is not traded: only the pieces after the first are grouped.
+    A stop string is still cut, and the text is the same as token by token."""
+    c = core(stream_interval=4)
+    sink = ListSink()
+    c.add_request([1, 2, 3], SamplingParams(max_tokens=10), sink)
+    run(c)
+    assert sink.counts == [(3, 1), (3, 5), (3, 9)] and sink.end == ("length", 3, 10)
+    assert "".join(sink.pieces) == _alone([1, 2, 3], 10)
+
+    class ScriptDecoder(FakeDecoder):                      # after a 2-token prompt: "!%%!%%%"
+        def _logits(self, history):
+            lg = np.zeros(64, dtype=np.float32)
+            lg[ord("!%%!%%%"[len(history) - 2])] = 10.0
+            return lg
+
+    c = core(ScriptDecoder(), stream_interval=2)
+    sink = ListSink()
+    c.add_request([1, 2], SamplingParams(max_tokens=10, stop=["%%%"]), sink)
+    run(c)
+    assert sink.pieces == ["!", "%%!", ""]                # the held "%%" went only once released
+    assert sink.counts == [(2, 1), (2, 4)] and sink.end == ("stop", 2, 7)
+
+    class EosDecoder(FakeDecoder):                         # EOS once a row holds 6 tokens
+        def _logits(self, history):
+            lg = np.zeros(64, dtype=np.float32)
+            lg[0 if len(history) >= 6 else 41] = 10.0
+            return lg
+
+    c = core(EosDecoder(), stream_interval=4)
+    sink = ListSink()
+    c.add_request([1, 2], SamplingParams(max_tokens=10), sink)
+    run(c)
+    assert sink.pieces == [")", ")))"] and sink.end == ("stop", 2, 4)   # what EOS ended is not lost
+
+
 def test_abort_all_reports_the_emptied_state():
     """After a failed engine step everything in flight is failed and the engine goes
     idle: no further step reports the state, so the gauges kept the old counts."""
