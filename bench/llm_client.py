@@ -59,6 +59,7 @@ class Result:
     final: bool = False
     start: float = 0.0
     times: list[float] = field(default_factory=list)   # arrival of each non-empty piece
+    counts: list[int] = field(default_factory=list)    # num_output_tokens at each, if returned
     finished_at: float | None = None                    # arrival of the finish_reason
     logprobs: list[float] = field(default_factory=list)
 
@@ -110,6 +111,8 @@ async def generate(client: grpcclient.InferenceServerClient, model: str, prompt:
                 arr = result.as_numpy(name)
                 if arr is not None:
                     setattr(res, name, int(arr.reshape(-1)[0]))
+            if text is not None and piece and res.num_output_tokens is not None:
+                res.counts.append(res.num_output_tokens)
             fr = result.as_numpy("finish_reason")
             if fr is not None:
                 res.finish_reason = fr.reshape(-1)[0].decode()

@@ -54,7 +54,7 @@ async def openai_stream(http: httpx.AsyncClient, url: str, model: str, prompt: s
     first token counts from the first attempt, as the user waits."""
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
             "ignore_eos": True}
-    start, times, error, refused, reconnects = time.perf_counter(), [], None, 0, 0
+    start, times, pieces, error, refused, reconnects = time.perf_counter(), [], [], None, 0, 0
     try:
         while True:
             try:
@@ -83,17 +83,33 @@ async def openai_stream(http: httpx.AsyncClient, url: str, model: str, prompt: s
                         error = event["error"]
                     elif event.get("choices") and event["choices"][0].get("text"):
                         times.append(time.perf_counter())
+                        pieces.append(event["choices"][0]["text"])
                 break
     except httpx.HTTPError as err:  # counted, not fatal: the table says how many
         return {"error": f"{type(err).__name__}: {err!r}", "status": "connection", "refused": refused}
-    return {"start": start, "times": times, "error": error, "status": 200, "refused": refused,
+    return {"start": start, "times": times, "pieces": pieces, "error": error, "status": 200, "refused": refused,
             "reconnects": reconnects}
 
 
 async def grpc_stream(client, model: str, ids: list[int], output_len: int) -> dict:
     from bench.llm_client import generate
-    r = await generate(client, model, input_ids=ids, max_tokens=output_len, ignore_eos=True, temperature=0.0)
-    return {"start": r.start, "times": r.times, "error": r.error, "status": 200 if not r.error else 500}
+    r = await generate(client, model, input_ids=ids, max_tokens=output_len, ignore_eos=True, temperature=0.0,
+                       return_num_output_tokens=True)
+    return {"start": r.start, "times": r.times, "tokens": [b - a for a, b in zip([0] + r.counts, r.counts)],
+            "error": r.error, "status": 200 if not r.error else 500}
+
+
+def chunk_tokens(pieces: list[str], tok, total: int) -> list[int]:
+    """How many of a request's `total` output tokens each streamed text chunk carried.
+    The OpenAI stream does not say: each chunk is tokenized on its own and the counts are
+    scaled to add up to `total` (exact under `ignore_eos`), so both servers are counted
+    alike; llama-server sends one token a chunk, ours `stream_interval` after the first."""
+    counts = [max(1, len(tok.encode(p, add_special_tokens=False).ids)) for p in pieces]
+    whole, running, out = sum(counts), 0, []
+    for n in counts:
+        running += n
+        out.append(round(total * running / whole) - sum(out))
+    return out
 
 
 async def load(send, concurrency: int, rounds: int, stagger: float) -> tuple[list[dict], float]:
@@ -113,7 +129,10 @@ async def load(send, concurrency: int, rounds: int, stagger: float) -> tuple[lis
 STEADY_NOTE = ("Output tok/s is the whole run's, the staggered start and the tail included; steady tok/s "
                "counts only the window from when every client had finished its first request and sent its "
                "next, to the first client's last token: clients cycling, new requests prefilled beside the "
-               "others' decoding (its length in brackets; '-' where there was none, or a request failed).")
+               "others' decoding (its length in brackets; '-' where there was none, or a request failed). "
+               "ITL is the time between text chunks as a client receives them; llama-server sends a chunk per "
+               "token, ours one per `stream_interval` tokens after the first (4 by default): tokens a chunk in "
+               "brackets, counted by the model's tokenizer.")
 
 
 def steady_rate(results: list[dict]) -> tuple[float | None, float]:
@@ -125,7 +144,8 @@ def steady_rate(results: list[dict]) -> tuple[float | None, float]:
     the end of the ramp, where nearly every request was decoding at once and none was
     being prefilled; for the faster system it was short (0.5 s at 16 streams) and measured
     decoding more than the steady state. (rate, window seconds); the rate is None for a
-    window under 0.3 s, a client with one request, or a failed request."""
+    window under 0.3 s, a client with one request, or a failed request. A chunk counts
+    its "tokens" where the result has them (one token otherwise)."""
     by_client: dict[int, list[dict]] = {}
     for r in results:
         by_client.setdefault(r.get("client", 0), []).append(r)
@@ -136,7 +156,8 @@ def steady_rate(results: list[dict]) -> tuple[float | None, float]:
     end = min(max(r["times"][-1] for r in rs) for rs in by_client.values())
     if end - begin < 0.3:
         return None, max(end - begin, 0.0)
-    tokens = sum(begin < t <= end for r in results for t in r["times"])
+    tokens = sum(n for r in results for t, n in zip(r["times"], r.get("tokens") or [1] * len(r["times"]))
+                 if begin < t <= end)
     return tokens / (end - begin), end - begin
 
 
@@ -155,7 +176,8 @@ def summarize(results: list[dict], elapsed: float, output_len: int) -> dict:
             "ttft_p50_ms": round(pct(ttft, 50) * 1000, 1) if ttft else None,
             "ttft_p99_ms": round(pct(ttft, 99) * 1000, 1) if ttft else None,
             "itl_p50_ms": round(pct(itl, 50) * 1000, 1) if itl else None,
-            "itl_p99_ms": round(pct(itl, 99) * 1000, 1) if itl else None}
+            "itl_p99_ms": round(pct(itl, 99) * 1000, 1) if itl else None,
+            "tokens_per_chunk": round(len(ok) * output_len / max(1, sum(len(r["times"]) for r in ok)), 2)}
 
 
 def prompts_for(tok, n: int, length: int) -> tuple[list[str], list[list[int]]]:
@@ -254,7 +276,10 @@ def run(args) -> dict:
         http = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=max(levels) * 2))
 
         async def send(i: int) -> dict:
-            return await openai_stream(http, url, model, texts[i % len(texts)], args.output_len)
+            r = await openai_stream(http, url, model, texts[i % len(texts)], args.output_len)
+            if r.get("pieces"):
+                r["tokens"] = chunk_tokens(r["pieces"], tok, args.output_len)
+            return r
         return send, http.aclose
 
     def ours(c: int) -> None:
@@ -328,7 +353,8 @@ def render(report: dict) -> str:
     llama = {r["concurrency"]: r for r in report["systems"].get("llama-server (C++)", [])}
     floor = {r["concurrency"]: r for r in report.get("transformers", [])}
     lines = ["| system | concurrency | output tok/s | vs llama-server | steady tok/s (window s) | steady vs llama-server "
-             "| vs transformers | TTFT p50 / p99 ms | ITL p50 / p99 ms | errors | retried: 429 / closed connection |",
+             "| vs transformers | TTFT p50 / p99 ms | ITL p50 / p99 ms (tokens a chunk) | errors "
+             "| retried: 429 / closed connection |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rows in report["systems"].items():
         for r in rows:
@@ -341,7 +367,7 @@ def render(report: dict) -> str:
             steady_cell = f"{steady} ({r['steady_window_s']})" if steady else "-"
             lines.append(f"| {name} | {c} | {r['tok_s']} | {vs_l} | {steady_cell} | "
                          f"{vs_ls} | {vs_t} | {r['ttft_p50_ms']} / {r['ttft_p99_ms']} | "
-                         f"{r['itl_p50_ms']} / {r['itl_p99_ms']} | {r['errors']} | {r.get('refused_429', '')} / {r.get('reconnects', '')} |")
+                         f"{r['itl_p50_ms']} / {r['itl_p99_ms']} ({r.get('tokens_per_chunk', '')}) | {r['errors']} | {r.get('refused_429', '')} / {r.get('reconnects', '')} |")
     for r in report.get("transformers", []):
         lines.append(f"| transformers generate fp32, one batch | {r['concurrency']} | {r['tok_s']} | | | | 1.000x | | | | |")
     ls = report.get("llama_server", {})

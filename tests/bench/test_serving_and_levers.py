@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bench.levers import int8_blocks, q4_1_grid, rewrite
-from bench.serving import steady_rate
+from bench.serving import chunk_tokens, steady_rate
 
 
 def _request(client, start, first, n, step):
@@ -43,6 +43,26 @@ def test_steady_rate_refuses_a_short_or_broken_window():
     broken = [_request(0, 0.0, 0.0, 100, 0.1), _request(0, 10.0, 10.0, 100, 0.1),
               {"client": 1, "start": 1.0, "times": [], "error": "x"}]
     assert steady_rate(broken) == (None, 0.0)
+
+
+def test_steady_rate_counts_the_tokens_of_each_chunk():
+    # The same 10 tokens/s a client, sent as chunks of 4 tokens: the same rate.
+    one = [_request(c, s, s, 100, 0.1) for c in (0, 1) for s in (0.0, 10.0)]
+    four = [{**_request(c, s, s, 25, 0.4), "tokens": [4] * 25} for c in (0, 1) for s in (0.0, 10.0)]
+    assert steady_rate(four)[0] == pytest.approx(steady_rate(one)[0], rel=0.05)
+
+
+class _WordTokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return type("E", (), {"ids": text.split()})()
+
+
+def test_chunk_tokens_adds_up_to_the_request_and_follows_the_text():
+    pieces = ["a", "b c d e", "f g h i", "j"]
+    assert chunk_tokens(pieces, _WordTokenizer(), 10) == [1, 4, 4, 1]
+    # scaled when tokenizing chunks alone miscounts; a chunk with no token counts one
+    counts = chunk_tokens(["a b", " ", "c d e f"], _WordTokenizer(), 14)
+    assert sum(counts) == 14 and counts[1] >= 1 and counts[2] > counts[0]
 
 
 def _q4_1_weights(k, n, seed=0, one_sided=0):
