@@ -10,6 +10,7 @@ Everything leaves through the outbox (responder.py), in order, off the engine th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from .detokenizer import IncrementalDetokenizer, StopStringBuffer
@@ -27,14 +28,23 @@ class TextState:
     unsent: str = ""                                      # text held for the stream interval
     held: int = 0                                         # tokens since the last response
     sent: bool = False                                    # the first piece has gone
+    sent_at: float = 0.0                                  # when the last piece went
 
 
 class OutputProcessor:
     """`add_request` may be called from any thread; the rest from the engine thread."""
 
-    def __init__(self, tokenizer, outbox, metrics: Metrics | None = None, stream_interval: int = 1):
+    # Text is held at most this long for the stream interval: a slow model still streams,
+    # and stays under the adapter's silence probe (ADAPTER_SILENCE_PROBE_S, 0.3 s).
+    MAX_HOLD_S = 0.2
+
+    def __init__(self, tokenizer, outbox, metrics: Metrics | None = None, stream_interval: int = 1,
+                 clock=time.monotonic):
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be at least 1, not {stream_interval}")
         self.tok = tokenizer
-        self.stream_interval = max(1, stream_interval)
+        self.stream_interval = stream_interval
+        self.clock = clock
         self.send = outbox.send
         self.metrics = metrics or NullMetrics()
         self._last_state = None
@@ -59,12 +69,16 @@ class OutputProcessor:
             return
         st.unsent += text
         # The first text goes at once (time to first token); after it, one response per
-        # `stream_interval` tokens: each response costs the serving path (Triton, the
-        # adapter, the client) CPU beside the engine's.
-        if st.unsent and (not st.sent or st.held >= self.stream_interval):
-            text, st.unsent, st.held, st.sent = st.unsent, "", 0, True
-            logprobs, st.logprobs = st.logprobs, []
-            self.send(req.sink.piece, text, logprobs, len(req.prompt), len(req.output))
+        # `stream_interval` tokens (or MAX_HOLD_S): each response costs the serving path
+        # (Triton, the adapter, the client) CPU beside the engine's.
+        if not st.unsent:
+            return
+        now = self.clock()
+        if st.sent and st.held < self.stream_interval and now - st.sent_at < self.MAX_HOLD_S:
+            return
+        text, st.unsent, st.held, st.sent, st.sent_at = st.unsent, "", 0, True, now
+        logprobs, st.logprobs = st.logprobs, []
+        self.send(req.sink.piece, text, logprobs, len(req.prompt), len(req.output))
 
     def finish(self, req: Request) -> None:
         """The last response of a finished request: the text still held, finish_reason."""

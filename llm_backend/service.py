@@ -70,6 +70,8 @@ def load_engine(version_dir: Path, params: EngineParams, metrics=None) -> tuple[
     if params.max_num_seqs < 1 or params.max_model_len < 2:
         raise ModelLoadError(f"max_num_seqs ({params.max_num_seqs}) and max_model_len "
                              f"({params.max_model_len}) must be positive")
+    if params.stream_interval < 1:
+        raise ModelLoadError(f"stream_interval ({params.stream_interval}) must be at least 1 (1: every token)")
     tokenizer = load_tokenizer(version_dir)
     spec = DecoderSpec.from_genai_config(version_dir / "genai_config.json")
     if spec.context_length and params.max_model_len > spec.context_length:

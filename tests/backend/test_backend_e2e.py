@@ -50,12 +50,16 @@ def _link_version(src: Path, dst: Path) -> None:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("backend-e2e")
     repo = root / "repo"
-    ensure_default_model(repo, precision="fp32", max_model_len=512, max_num_seqs=16, max_queue_size=64)
+    # fp32 and int4 stream every token (the tests of hold-back and pace count pieces);
+    # the default-precision model keeps the default stream interval.
+    ensure_default_model(repo, precision="fp32", max_model_len=512, max_num_seqs=16, max_queue_size=64,
+                         stream_interval=1)
     default = ensure_default_model(root / "default", precision=DEFAULT_PRECISION) / "1"
     int4 = ensure_default_model(root / "int4", precision="int4") / "1"
     for name, version, params in (
             (W8A8, default, dict(precision=DEFAULT_PRECISION, max_num_seqs=16, max_queue_size=64, max_model_len=512)),
-            (INT4, int4, dict(precision="int4", max_num_seqs=16, max_queue_size=64, max_model_len=512)),
+            (INT4, int4, dict(precision="int4", max_num_seqs=16, max_queue_size=64, max_model_len=512,
+                              stream_interval=1)),
             (SMALL, default, dict(precision=DEFAULT_PRECISION, max_num_seqs=1, max_queue_size=1, max_model_len=256))):
         _link_version(version, repo / name / "1")
         (repo / name / "config.pbtxt").write_text(render_config_pbtxt(name, EngineParams(**params)))
@@ -120,6 +124,20 @@ async def test_greedy_matches_transformers(client, hf_greedy):
         assert streamed.error is None and streamed.text == expected
         assert whole.responses == 1 and whole.text == expected
         assert streamed.finish_reason in ("stop", "length") and streamed.num_input_tokens > 0
+
+
+async def test_the_default_stream_interval_groups_tokens_after_the_first(client):
+    from llm_backend.model_config import EngineParams
+
+    n = EngineParams().stream_interval
+    assert n > 1
+    streamed = await generate(client, W8A8, PROMPTS[1], max_tokens=4 * n + 2, ignore_eos=True)
+    whole = await generate(client, W8A8, PROMPTS[1], max_tokens=4 * n + 2, ignore_eos=True, stream=False)
+    assert streamed.error is None and streamed.text == whole.text
+    # the first token at once, then n at a time (fewer where a piece was held MAX_HOLD_S)
+    gaps = [b - a for a, b in zip(streamed.counts, streamed.counts[1:])]
+    assert streamed.counts[0] == 1 and all(1 <= g <= n for g in gaps) and n in gaps, streamed.counts
+    assert streamed.num_output_tokens == 4 * n + 2 and streamed.finish_reason == "length"
 
 
 @pytest.mark.parametrize("model", [MODEL, pytest.param(W8A8, marks=w8a8_only)])

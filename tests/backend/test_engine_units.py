@@ -248,40 +248,65 @@ def test_streamed_pieces_carry_the_running_token_counts():
     assert sink.counts == [(2, 1), (2, 4)] and sink.end == ("stop", 2, 7)
 
 
+class _ScriptDecoder(FakeDecoder):
+    """After a 2-token prompt, the characters of `script` one by one, then EOS (the
+    vocabulary is 64 bytes: digits and punctuation)."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.script = script
+
+    def _logits(self, history):
+        lg = np.zeros(64, dtype=np.float32)
+        i = len(history) - 2
+        lg[ord(self.script[i]) if i < len(self.script) else 0] = 10.0
+        return lg
+
+
+def _streamed(dec, interval, **params):
+    c = core(dec, stream_interval=interval, max_queue_size=10)
+    sink = ListSink()
+    c.add_request([1, 2], SamplingParams(**params), sink)
+    run(c)
+    return sink
+
+
 def test_stream_interval_sends_the_first_piece_at_once_then_one_per_n_tokens():
     """Time to first token is not traded: only the pieces after the first are grouped.
-    A stop string is still cut, and the text is the same as token by token."""
-    c = core(stream_interval=4)
-    sink = ListSink()
-    c.add_request([1, 2, 3], SamplingParams(max_tokens=10), sink)
-    run(c)
-    assert sink.counts == [(3, 1), (3, 5), (3, 9)] and sink.end == ("length", 3, 10)
-    assert "".join(sink.pieces) == _alone([1, 2, 3], 10)
+    What is held when the request ends (length, stop string, EOS) goes with the last
+    response, and the text is the same as token by token."""
+    every = _streamed(_ScriptDecoder("0123456789"), 1, max_tokens=7)
+    assert every.pieces == ["0", "1", "2", "3", "4", "5", "6"]
+    four = _streamed(_ScriptDecoder("0123456789"), 4, max_tokens=7)
+    assert four.pieces == ["0", "1234", "56"]                           # two held at the length
+    assert four.counts == [(2, 1), (2, 5)] and four.end == ("length", 2, 7)
 
-    class ScriptDecoder(FakeDecoder):                      # after a 2-token prompt: "!%%!%%%"
-        def _logits(self, history):
-            lg = np.zeros(64, dtype=np.float32)
-            lg[ord("!%%!%%%"[len(history) - 2])] = 10.0
-            return lg
+    stop = _streamed(_ScriptDecoder("012345%%%6789"), 4, max_tokens=20, stop=["%%%"])
+    assert stop.pieces == ["0", "1234", "5"] and stop.end == ("stop", 2, 9)   # "5" held at the stop
+    held = _streamed(_ScriptDecoder("0%%1%%%"), 2, max_tokens=20, stop=["%%%"])
+    assert held.pieces == ["0", "%%1", ""]                              # "%%" held for the stop first
+    assert held.counts == [(2, 1), (2, 4)] and held.end == ("stop", 2, 7)
 
-    c = core(ScriptDecoder(), stream_interval=2)
-    sink = ListSink()
-    c.add_request([1, 2], SamplingParams(max_tokens=10, stop=["%%%"]), sink)
-    run(c)
-    assert sink.pieces == ["!", "%%!", ""]                # the held "%%" went only once released
-    assert sink.counts == [(2, 1), (2, 4)] and sink.end == ("stop", 2, 7)
+    eos = _streamed(_ScriptDecoder("))))"), 4, max_tokens=10)
+    assert eos.pieces == [")", ")))"] and eos.end == ("stop", 2, 4)     # EOS ends it with 3 held
 
-    class EosDecoder(FakeDecoder):                         # EOS once a row holds 6 tokens
-        def _logits(self, history):
-            lg = np.zeros(64, dtype=np.float32)
-            lg[0 if len(history) >= 6 else 41] = 10.0
-            return lg
 
-    c = core(EosDecoder(), stream_interval=4)
+def test_stream_interval_holds_text_at_most_max_hold_s():
+    """A slow model still streams (and stays under the adapter's silence probe)."""
+    from llm_backend.output_processor import OutputProcessor
+
+    now = [0.0]
+    c = core(_ScriptDecoder("0123456789"), stream_interval=100, max_queue_size=10)
+    c.outputs.clock = lambda: now[0]
     sink = ListSink()
     c.add_request([1, 2], SamplingParams(max_tokens=10), sink)
+    for _ in range(4):                         # "0" (prefilled) sent; "1" (same step) to "4" held
+        step(c)
+    assert sink.pieces == ["0"]
+    now[0] = OutputProcessor.MAX_HOLD_S
+    step(c)                                    # "5": the held text has waited long enough
     run(c)
-    assert sink.pieces == [")", ")))"] and sink.end == ("stop", 2, 4)   # what EOS ended is not lost
+    assert sink.pieces == ["0", "12345", "6789"]
 
 
 def test_abort_all_reports_the_emptied_state():
