@@ -131,8 +131,9 @@ STEADY_NOTE = ("Output tok/s is the whole run's, the staggered start and the tai
                "next, to the first client's last token: clients cycling, new requests prefilled beside the "
                "others' decoding (its length in brackets; '-' where there was none, or a request failed). "
                "ITL is the time between text chunks as a client receives them; llama-server sends a chunk per "
-               "token, ours one per `stream_interval` tokens after the first (4 by default): tokens a chunk in "
-               "brackets, counted by the model's tokenizer.")
+               "token, ours one per `stream_interval` tokens after the first (4 by default): output tokens per "
+               "chunk in brackets. The steady window counts each chunk's tokens (by the model's tokenizer over "
+               "the OpenAI API, by the running counts over gRPC).")
 
 
 def steady_rate(results: list[dict]) -> tuple[float | None, float]:
