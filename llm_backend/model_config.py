@@ -62,8 +62,8 @@ class EngineParams:
     prefill_chunk: int = 128               # prompt tokens per engine step (interleaved with decode)
     prefix_cache_mb: int = 64              # prompt (prefix) cache; 0 disables
     stream_interval: int = 4               # tokens per streamed response after the first (vLLM's, SGLang's
-                                           # option): each response costs the serving path ~0.5 ms of CPU;
-                                           # 1 streams every token (docs/engine.md)
+                                           # option; held at most 0.2 s): each response costs Triton, the
+                                           # adapter and the client CPU; 1 streams every token (docs/engine.md)
     intra_op_threads: int = 0              # 0 = number of cores
     ort_allow_spinning: int = 1            # 1: onnxruntime workers spin between ops (dedicated cores); 0: shared machine
     chat_template: str = ""                # the checkpoint's own Jinja chat template
