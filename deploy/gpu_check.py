@@ -72,7 +72,7 @@ async def _stream(client, url: str, model: str, prompt: str, max_tokens: int) ->
                     times.append(time.perf_counter())
                     text.append(piece)
     return {"ttft": times[0] - start if times else None,
-            "itl": [b - a for a, b in zip(times, times[1:])],
+            "itl": [b - a for a, b in zip(times, times[1:])],   # between chunks: stream_interval tokens each
             "tokens": (usage or {}).get("completion_tokens", len(times)), "text": "".join(text),
             "elapsed": time.perf_counter() - start}
 
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                    "export_s": export_s, "load_s": load_s, "date": time.strftime("%Y-%m-%d %H:%M")})
     print(f"{args.streams} streams x {args.tokens} tokens: {result['throughput_tok_s']:.1f} tok/s aggregate; "
           f"TTFT p50/p99 {result['ttft_p50_ms']:.1f}/{result['ttft_p99_ms']:.1f} ms; "
-          f"ITL p50/p99 {result['itl_p50_ms']:.1f}/{result['itl_p99_ms']:.1f} ms")
+          f"gap between chunks (stream_interval tokens) p50/p99 "
+          f"{result['itl_p50_ms']:.1f}/{result['itl_p99_ms']:.1f} ms")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"gpu-check-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2))
