@@ -225,29 +225,6 @@ def test_generated_tokens_metric_agrees_with_num_output_tokens():
     assert len(m.itl.observed) == sum(outputs) - sum(1 for n in outputs if n)   # between tokens
 
 
-def test_streamed_pieces_carry_the_running_token_counts():
-    """So a client that leaves after k pieces can be billed what was generated, also
-    the tokens whose text a stop string held back."""
-    class ScriptDecoder(FakeDecoder):                      # after a 2-token prompt: "!%%!%%%"
-        def _logits(self, history):
-            lg = np.zeros(64, dtype=np.float32)
-            lg[ord("!%%!%%%"[len(history) - 2])] = 10.0
-            return lg
-
-    c = core(max_queue_size=10)
-    sink = ListSink()
-    c.add_request([1, 2, 3], SamplingParams(max_tokens=6), sink)
-    run(c)
-    assert sink.counts == [(3, k) for k in range(1, 6)] and sink.end == ("length", 3, 6)
-
-    c = core(ScriptDecoder())
-    sink = ListSink()
-    c.add_request([1, 2], SamplingParams(max_tokens=10, stop=["%%%"]), sink)
-    run(c)
-    assert sink.pieces == ["!", "%%!", ""]
-    assert sink.counts == [(2, 1), (2, 4)] and sink.end == ("stop", 2, 7)
-
-
 class _ScriptDecoder(FakeDecoder):
     """After a 2-token prompt, the characters of `script` one by one, then EOS (the
     vocabulary is 64 bytes: digits and punctuation)."""
@@ -269,6 +246,20 @@ def _streamed(dec, interval, **params):
     c.add_request([1, 2], SamplingParams(**params), sink)
     run(c)
     return sink
+
+
+def test_streamed_pieces_carry_the_running_token_counts():
+    """So a client that leaves after k pieces can be billed what was generated, also
+    the tokens whose text a stop string held back."""
+    c = core(max_queue_size=10)
+    sink = ListSink()
+    c.add_request([1, 2, 3], SamplingParams(max_tokens=6), sink)
+    run(c)
+    assert sink.counts == [(3, k) for k in range(1, 6)] and sink.end == ("length", 3, 6)
+
+    sink = _streamed(_ScriptDecoder("!%%!%%%"), 1, max_tokens=10, stop=["%%%"])
+    assert sink.pieces == ["!", "%%!", ""]
+    assert sink.counts == [(2, 1), (2, 4)] and sink.end == ("stop", 2, 7)
 
 
 def test_stream_interval_sends_the_first_piece_at_once_then_one_per_n_tokens():
