@@ -48,10 +48,12 @@ def pct(values: list[float], q: float):
     return v[min(len(v) - 1, int(round(q / 100 * (len(v) - 1))))]
 
 
-async def openai_stream(http: httpx.AsyncClient, url: str, model: str, prompt: str, output_len: int) -> dict:
-    """One streaming /v1/completions request: arrival times of its text chunks. A 429 is
-    retried after its Retry-After, as the OpenAI SDKs do (counted in `refused`); time to
-    first token counts from the first attempt, as the user waits."""
+async def openai_stream(http: httpx.AsyncClient, url: str, model: str, prompt: str, output_len: int,
+                        tok=None) -> dict:
+    """One streaming /v1/completions request: arrival times of its text chunks, and with
+    the model's tokenizer `tok` the tokens each carried (chunk_tokens). A 429 is retried
+    after its Retry-After, as the OpenAI SDKs do (counted in `refused`); time to first
+    token counts from the first attempt, as the user waits."""
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
             "ignore_eos": True}
     start, times, pieces, error, refused, reconnects = time.perf_counter(), [], [], None, 0, 0
@@ -88,7 +90,7 @@ async def openai_stream(http: httpx.AsyncClient, url: str, model: str, prompt: s
     except httpx.HTTPError as err:  # counted, not fatal: the table says how many
         return {"error": f"{type(err).__name__}: {err!r}", "status": "connection", "refused": refused}
     return {"start": start, "times": times, "pieces": pieces, "error": error, "status": 200, "refused": refused,
-            "reconnects": reconnects}
+            "reconnects": reconnects, **({"tokens": chunk_tokens(pieces, tok, output_len)} if tok and pieces else {})}
 
 
 async def grpc_stream(client, model: str, ids: list[int], output_len: int) -> dict:
@@ -277,10 +279,7 @@ def run(args) -> dict:
         http = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=max(levels) * 2))
 
         async def send(i: int) -> dict:
-            r = await openai_stream(http, url, model, texts[i % len(texts)], args.output_len)
-            if r.get("pieces"):
-                r["tokens"] = chunk_tokens(r["pieces"], tok, args.output_len)
-            return r
+            return await openai_stream(http, url, model, texts[i % len(texts)], args.output_len, tok)
         return send, http.aclose
 
     def ours(c: int) -> None:

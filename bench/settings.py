@@ -32,8 +32,8 @@ from pathlib import Path
 import httpx
 
 from bench.results import write_run
-from bench.serving import (MODEL, OUT, ROOT, adapter_over, chunk_tokens, grpc_stream, load, openai_stream,
-                           prompts_for, summarize, triton_serving)
+from bench.serving import (MODEL, OUT, ROOT, adapter_over, grpc_stream, load, openai_stream, prompts_for,
+                           summarize, triton_serving)
 
 LEVELS = (1, 16)
 REQUESTS = {1: 16, 16: 64}  # per level: 16 one after another, 16 clients x 4 (as make bench)
@@ -80,10 +80,7 @@ def measure(repo: Path, tmp: Path, tok, texts: list[str], ids: list[list[int]], 
         async def api(c: int, base: int):
             async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as http:
                 async def send(i: int) -> dict:
-                    r = await openai_stream(http, adapter.url, MODEL, texts[base + i], 64)
-                    if r.get("pieces"):
-                        r["tokens"] = chunk_tokens(r["pieces"], tok, 64)
-                    return r
+                    return await openai_stream(http, adapter.url, MODEL, texts[base + i], 64, tok)
                 await openai_stream(http, adapter.url, MODEL, texts[-1], 64)  # warm-up
                 mark()
                 return await load(send, c, REQUESTS[c] // c, 0.1)
