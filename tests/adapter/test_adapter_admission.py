@@ -184,12 +184,13 @@ async def test_app_sizes_admission_to_the_models_slots_and_answers_429_beyond():
     async with app_client(_fake_with_slots(2), max_queue_wait_s=1.0) as (http, fake):
         deps = http.app.state.deps
         assert deps.slots("fake") == 2
-        slow = {"model": "fake", "prompt": "[[delay=100]]", "max_tokens": 4, "stream": True}
+        slow = {"model": "fake", "prompt": "[[delay=250]]", "max_tokens": 4, "stream": True}
         running = [asyncio.ensure_future(http.post(COMP, json=slow)) for _ in range(2)]
-        for _ in range(200):
-            if deps.admission.in_flight == 2:
+        for _ in range(500):  # admitted at the adapter is not yet sent: wait for both to reach the model
+            if deps.admission.in_flight == 2 and len(fake.requests) == 2:
                 break
             await asyncio.sleep(0.01)
+        assert len(fake.requests) == 2
         r = await http.post(COMP, json={"model": "fake", "prompt": "x", "max_tokens": 1})
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"] == {"message": r.json()["error"]["message"], "type": "rate_limit_error",
