@@ -92,6 +92,17 @@ async def app_client(client: FakeClient | None = None, **settings: Any):
             yield http, fake
 
 
+async def wait_until(cond, what: str, timeout_s: float = 5.0) -> None:
+    """Poll `cond` on the event loop; fail naming `what` after `timeout_s`. Wait for the
+    state the next step depends on itself (admitted at the adapter is not yet received by
+    the model), with room for a loaded CI machine."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout_s} s")
+        await asyncio.sleep(0.01)
+
+
 def load_fakellm():
     import importlib.util
     spec = importlib.util.spec_from_file_location("fakellm_fixture", REPO_ROOT / "tests" / "fixtures" / "fakellm" / "__init__.py")

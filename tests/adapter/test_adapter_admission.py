@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from adapter_testlib import FakeClient, app_client  # type: ignore[import-not-found]
+from adapter_testlib import FakeClient, app_client, wait_until  # type: ignore[import-not-found]
 from openai_adapter.admission import Admission, DurationAverage, decide, expected_wait
 from openai_adapter.errors import OpenAIError
 
@@ -186,11 +186,8 @@ async def test_app_sizes_admission_to_the_models_slots_and_answers_429_beyond():
         assert deps.slots("fake") == 2
         slow = {"model": "fake", "prompt": "[[delay=250]]", "max_tokens": 4, "stream": True}
         running = [asyncio.ensure_future(http.post(COMP, json=slow)) for _ in range(2)]
-        for _ in range(500):  # admitted at the adapter is not yet sent: wait for both to reach the model
-            if deps.admission.in_flight == 2 and len(fake.requests) == 2:
-                break
-            await asyncio.sleep(0.01)
-        assert len(fake.requests) == 2
+        await wait_until(lambda: deps.admission.in_flight == 2 and len(fake.requests) == 2,
+                         "both slow requests reaching the model")
         r = await http.post(COMP, json={"model": "fake", "prompt": "x", "max_tokens": 1})
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         assert r.json()["error"] == {"message": r.json()["error"]["message"], "type": "rate_limit_error",
@@ -206,10 +203,7 @@ async def test_app_lets_a_request_wait_when_its_expected_wait_is_short():
         job = {"model": "fake", "prompt": "[[delay=20]]", "max_tokens": 3}
         assert (await http.post(COMP, json=job)).status_code == 200  # an estimate
         first = asyncio.ensure_future(http.post(COMP, json=job))
-        for _ in range(200):
-            if deps.admission.in_flight == 1:
-                break
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: deps.admission.in_flight == 1, "the first running")
         second = await http.post(COMP, json=job)  # waits its turn
         assert second.status_code == 200 and (await first).status_code == 200
 

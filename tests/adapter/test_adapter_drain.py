@@ -9,7 +9,7 @@ import json
 
 import sqlalchemy as sa
 
-from adapter_testlib import app_client  # type: ignore[import-not-found]
+from adapter_testlib import app_client, wait_until  # type: ignore[import-not-found]
 from openai_adapter.accounts.schema import ledger, reservations
 from openai_adapter.accounts.store import make_engine
 from openai_adapter.drain import Drain, margin_s
@@ -82,14 +82,6 @@ def _events(text: str) -> list:
     return out
 
 
-async def _wait_for(cond, what: str) -> None:
-    for _ in range(500):
-        if cond():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{what} did not happen")
-
-
 async def test_drain_refuses_new_requests_with_503_retry_after_and_close(tmp_path):
     async with app_client(database_url=f"sqlite:///{tmp_path}/a.db", retry_after_s=3) as (http, fake):
         assert (await http.get("/health/ready")).status_code == 200
@@ -113,7 +105,7 @@ async def test_drain_end_gives_streams_an_error_event_and_done_and_settles_them(
                 "stream_options": {"include_usage": True}}
         stream = asyncio.ensure_future(http.post(COMP, json=body))
         whole = asyncio.ensure_future(http.post(COMP, json={**body, "stream": False, "stream_options": None}))
-        await _wait_for(lambda: len(fake.requests) == 2 and deps.drain.active == 2, "two requests running")
+        await wait_until(lambda: len(fake.requests) == 2 and deps.drain.active == 2, "two requests running")
         await asyncio.sleep(0.2)  # a few tokens each
         deps.drain.begin()
         deps.drain.end_requests()
@@ -143,9 +135,9 @@ async def test_drain_end_answers_a_request_waiting_for_a_slot_with_503(tmp_path)
         assert (await http.post(COMP, json={"model": "fake", "prompt": "x", "max_tokens": 1})).status_code == 200
         slow = asyncio.ensure_future(http.post(COMP, json={"model": "fake", "prompt": "[[delay=50]]",
                                                            "max_tokens": 200}))
-        await _wait_for(lambda: deps.admission.in_flight == 1, "the slow request running")
+        await wait_until(lambda: deps.admission.in_flight == 1, "the slow request running")
         waiting = asyncio.ensure_future(http.post(COMP, json={"model": "fake", "prompt": "x", "max_tokens": 1}))
-        await _wait_for(lambda: deps.admission.waiting == 1, "a request waiting")
+        await wait_until(lambda: deps.admission.waiting == 1, "a request waiting")
         deps.drain.begin()
         deps.drain.end_requests()
         for r in (await waiting, await slow):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from adapter_testlib import FakeClient, app_client  # type: ignore[import-not-found]
+from adapter_testlib import FakeClient, app_client, wait_until  # type: ignore[import-not-found]
 from openai_adapter.triton_client import ModelInfo
 
 CHAT = "/v1/chat/completions"
@@ -265,22 +265,26 @@ async def test_failure_after_first_token_is_error_event_then_done():
 
 async def test_admission_limit_429_with_retry_after_at_once():
     async with app_client(max_in_flight=1, max_waiting=1, max_queue_wait_s=60) as (http, fake):
-        slow = {"model": "fake", "prompt": "[[delay=100]]", "max_tokens": 5}
+        slow = {"model": "fake", "prompt": "[[delay=200]]", "max_tokens": 5}   # 1 s each
         assert (await http.post(COMP, json=slow)).status_code == 200  # a duration to estimate waits from
+        deps = http.app.state.deps
         first = asyncio.ensure_future(http.post(COMP, json=slow))
+        await wait_until(lambda: deps.admission.in_flight == 1, "the first running")
         second = asyncio.ensure_future(http.post(COMP, json=slow))
-        await asyncio.sleep(0.15)
+        await wait_until(lambda: deps.admission.waiting == 1, "the second waiting")
         loop = asyncio.get_running_loop()
         t = loop.time()
         r = await http.post(COMP, json=slow)
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1  # the expected wait, rounded up
         assert r.json()["error"]["type"] == "rate_limit_error"
-        assert loop.time() - t < 0.5  # refused at once, not after the running ones
+        assert loop.time() - t < 0.9  # refused at once, not after the running ones (2 s)
         assert (await first).status_code == 200 and (await second).status_code == 200  # the waiter ran
 
 
 async def test_deadline_504_and_upstream_cancelled():
-    async with app_client(request_timeout_s=0.3) as (http, fake):
+    # 1.5 s: the deadline counts from arrival, the ledger's admit (a synced SQLite write)
+    # included, and the streamed case must see its first token (0.1 s) before it; 5 s to generate
+    async with app_client(request_timeout_s=1.5) as (http, fake):
         r = await http.post(COMP, json={"model": "fake", "prompt": "[[delay=100]]", "max_tokens": 50})
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
         assert fake.cancelled == [fake.requests[0].request_id]
