@@ -91,10 +91,12 @@ async def test_two_replicas_hold_one_requests_per_minute_limit(shared):
     a, b = adapter("a"), adapter("b")
     body = {"model": "fake", "prompt": "hi", "max_tokens": 1}
     async with httpx.AsyncClient(timeout=30) as http:
+        t = time.monotonic()
         answers = await asyncio.gather(*(_post(http, (a, b)[i % 2].url, key.key, body) for i in range(30)))
+        refills = int((time.monotonic() - t) / 6)   # the bucket refills one request every 6 s
     codes = [r.status_code for r in answers]
-    # Within a second the bucket refills by 1/6 request: 10 pass, never 20.
-    assert codes.count(200) == 10 and codes.count(429) == 20
+    # 10 pass (and one more per 6 s the burst took on a slow machine), never 20.
+    assert 10 <= codes.count(200) <= 10 + refills and codes.count(200) + codes.count(429) == 30
     assert {r.json()["error"]["type"] for r in answers if r.status_code == 429} == {"requests"}
 
 
@@ -119,7 +121,8 @@ async def test_sigkill_mid_burst_then_restart_settles_everything_once(shared):
     key = manage.create_key(e, "victim")
     manage.set_budget(e, "victim", "total", "tokens", 10**9)
     a = adapter("first")
-    body = {"model": "fake", "prompt": "[[delay=100]] go", "max_tokens": 30, "stream": True}
+    # 9 s a stream: none may end (and settle) before all 12 are seen and the adapter is killed
+    body = {"model": "fake", "prompt": "[[delay=300]] go", "max_tokens": 30, "stream": True}
     admitted: list[str] = []
 
     async def stream(http: httpx.AsyncClient) -> None:
@@ -156,7 +159,7 @@ async def test_client_leaving_mid_stream_is_charged_what_was_generated(shared):
     e, adapter = shared
     key = manage.create_key(e, "leaver")
     a = adapter("a")
-    body = {"model": "fake", "prompt": "[[delay=20]] go", "max_tokens": 60, "stream": True,
+    body = {"model": "fake", "prompt": "[[delay=100]] go", "max_tokens": 60, "stream": True,
             "stream_options": {"include_usage": True}}
     async with httpx.AsyncClient(timeout=30) as http:
         async with http.stream("POST", a.url + "/v1/completions", json=body,

@@ -17,7 +17,9 @@ from stack.ports import free_port
 
 pytestmark = pytest.mark.e2e
 
-TIMEOUT_S = 3.0
+# The adapter's request deadline: long enough that the overload test's slow requests and
+# waiters are all still there when its refused request comes, on a loaded CI machine.
+TIMEOUT_S = 6.0
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +120,10 @@ def test_stream_disconnect_cancels_at_once(stack):
 
 def test_non_stream_disconnect_cancels(stack):
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(stack["adapter"].url + "/v1/completions", timeout=0.5,
-                   json={"model": "fake", "prompt": "[[delay=100]] [[tag=dropwhole]]", "max_tokens": 25})
+        # gone after 2 s (time to reach the model on a loaded machine), before its 5 s of
+        # generation and the 6 s deadline: only the disconnect can cancel it
+        httpx.post(stack["adapter"].url + "/v1/completions", timeout=2.0,
+                   json={"model": "fake", "prompt": "[[delay=100]] [[tag=dropwhole]]", "max_tokens": 50})
     assert wait_for(stack["marks"] / "dropwhole.cancelled", 2.0)
 
 
@@ -132,7 +136,7 @@ async def test_overload_gives_429_with_retry_after_at_once(stack):
 
         async def slow(i: int) -> None:
             async with http.stream("POST", url + "/v1/completions", json={
-                    "model": "fake", "prompt": f"[[delay=200]] [[tag=busy{i}]]", "max_tokens": 14,
+                    "model": "fake", "prompt": f"[[delay=200]] [[tag=busy{i}]]", "max_tokens": 40,
                     "stream": True}) as r:
                 async for _ in r.aiter_lines():
                     pass
@@ -152,6 +156,8 @@ async def test_overload_gives_429_with_retry_after_at_once(stack):
                 if len(list(stack["marks"].glob("busy*.started"))) >= 4:
                     break
                 await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the backend did not start the four admitted requests")
             t = time.monotonic()
             r = await http.post(url + "/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 1})
             assert r.status_code == 429 and r.headers["retry-after"]
@@ -191,7 +197,8 @@ def test_sigterm_drains_in_flight_stream_then_exits(stack):
         adapter.wait_ready()
         with httpx.Client(timeout=10) as http:
             with http.stream("POST", adapter.url + "/v1/completions", json={
-                    "model": "fake", "prompt": "[[delay=100]]", "max_tokens": 10, "stream": True}) as r:
+                    "model": "fake", "prompt": "[[delay=100]]", "max_tokens": 40, "stream": True}) as r:
+                # 4 s: the stream outlasts the checks below (once it ends the adapter exits)
                 lines = r.iter_lines()
                 assert next(lines).startswith("data: ")
                 adapter.proc.send_signal(signal.SIGTERM)

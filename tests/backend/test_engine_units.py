@@ -335,7 +335,7 @@ def test_abort_all_reports_the_emptied_state():
 class SlowDecoder(FakeDecoder):
     """Each model call takes a while with the GIL released, as onnxruntime's do."""
 
-    def __init__(self, delay=0.002, **kw):
+    def __init__(self, delay=0.01, **kw):   # 40 tokens take 0.4 s: room for the test thread on loaded cores
         super().__init__(**kw)
         self.delay = delay
 

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -84,7 +83,9 @@ BODY = {"model": MODEL, "messages": [{"role": "user", "content": "The quick brow
         "ignore_eos": True, "temperature": 0, "stream": True}
 
 
-async def one_stream(http: httpx.AsyncClient, url: str, model: str = MODEL, max_tokens: int = 120) -> dict:
+async def one_stream(http: httpx.AsyncClient, url: str, model: str = MODEL, max_tokens: int = 120,
+                     first: asyncio.Event | None = None) -> dict:
+    """One streamed chat request; `first` is set when its first event arrives."""
     out = {"start": time.monotonic(), "status": None, "version": None, "id": None, "done": False, "error": None}
     async with http.stream("POST", url + "/v1/chat/completions",
                            json={**BODY, "model": model, "max_tokens": max_tokens}) as s:
@@ -94,6 +95,8 @@ async def one_stream(http: httpx.AsyncClient, url: str, model: str = MODEL, max_
                 out["done"] = True
             elif line.startswith("data: {"):
                 event = json.loads(line[6:])
+                if first is not None:
+                    first.set()
                 out["id"] = event.get("id", out["id"])
                 out["error"] = event.get("error", out["error"])
     return out
@@ -164,14 +167,16 @@ async def test_promote_under_load_rollback_refuse_retire(stack):
         assert list(status["loaded"].values()) == [[1, 2]]  # the candidate was unloaded again
 
         # -- retire unloads version 2 only after its streams are done -----------------
-        async def pinned() -> dict:
-            r = await one_stream(http, urls[0], f"{MODEL}@2", max_tokens=230)
+        async def pinned(first: asyncio.Event) -> dict:
+            r = await one_stream(http, urls[0], f"{MODEL}@2", max_tokens=230, first=first)
             r["end"] = time.monotonic()
             return r
 
-        # As many as the model's slots (8), so that none waits for admission or gets a 429.
-        streams = [asyncio.ensure_future(pinned()) for _ in range(8)]
-        await asyncio.sleep(0.2)
+        # As many as the model's slots (8), so that none waits for admission or gets a 429;
+        # all streaming from version 2 before the retire begins.
+        firsts = [asyncio.Event() for _ in range(8)]
+        streams = [asyncio.ensure_future(pinned(f)) for f in firsts]
+        await asyncio.wait_for(asyncio.gather(*(f.wait() for f in firsts)), 60)
         retire_started = time.monotonic()
         retired = await asyncio.to_thread(stack.deploy, "--timeout", "20", "retire", MODEL)
         assert retired.returncode == 0, retired.stdout + retired.stderr
