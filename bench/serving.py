@@ -170,6 +170,9 @@ def summarize(results: list[dict], elapsed: float, output_len: int) -> dict:
     ttft = [r["times"][0] - r["start"] for r in ok]
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
     return {"requests": len(results), "errors": len(results) - len(ok),
+            # of the errors: requests the client gave up on after 20 refusals (429s, each
+            # retried after its Retry-After), starved by the others' retries
+            "gave_up_429": sum(1 for r in results if r.get("status") == 429),
             "statuses": sorted({str(r.get("status")) for r in results}),
             "refused_429": sum(r.get("refused", 0) for r in results),
             "reconnects": sum(r.get("reconnects", 0) for r in results),
@@ -353,7 +356,7 @@ def render(report: dict) -> str:
     llama = {r["concurrency"]: r for r in report["systems"].get("llama-server (C++)", [])}
     floor = {r["concurrency"]: r for r in report.get("transformers", [])}
     lines = ["| system | concurrency | output tok/s | vs llama-server | steady tok/s (window s) | steady vs llama-server "
-             "| vs transformers | TTFT p50 / p99 ms | ITL p50 / p99 ms (tokens a chunk) | errors "
+             "| vs transformers | TTFT p50 / p99 ms | ITL p50 / p99 ms (tokens a chunk) | errors (given up after 20 429s) "
              "| retried: 429 / closed connection |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rows in report["systems"].items():
@@ -365,9 +368,10 @@ def render(report: dict) -> str:
                      if steady and c in llama and llama[c].get("steady_tok_s") else "")
             vs_t = f"{r['tok_s'] / floor[c]['tok_s']:.3f}x" if c in floor else ""
             steady_cell = f"{steady} ({r['steady_window_s']})" if steady else "-"
+            errors = f"{r['errors']} ({r['gave_up_429']})" if r.get("gave_up_429") else f"{r['errors']}"
             lines.append(f"| {name} | {c} | {r['tok_s']} | {vs_l} | {steady_cell} | "
                          f"{vs_ls} | {vs_t} | {r['ttft_p50_ms']} / {r['ttft_p99_ms']} | "
-                         f"{r['itl_p50_ms']} / {r['itl_p99_ms']} ({r.get('tokens_per_chunk', '')}) | {r['errors']} | {r.get('refused_429', '')} / {r.get('reconnects', '')} |")
+                         f"{r['itl_p50_ms']} / {r['itl_p99_ms']} ({r.get('tokens_per_chunk', '')}) | {errors} | {r.get('refused_429', '')} / {r.get('reconnects', '')} |")
     for r in report.get("transformers", []):
         lines.append(f"| transformers generate fp32, one batch | {r['concurrency']} | {r['tok_s']} | | | | 1.000x | | | | |")
     ls = report.get("llama_server", {})

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bench.levers import int8_blocks, q4_1_grid, rewrite
-from bench.serving import chunk_tokens, steady_rate
+from bench.serving import chunk_tokens, render, steady_rate, summarize
 
 
 def _request(client, start, first, n, step):
@@ -43,6 +43,17 @@ def test_steady_rate_refuses_a_short_or_broken_window():
     broken = [_request(0, 0.0, 0.0, 100, 0.1), _request(0, 10.0, 10.0, 100, 0.1),
               {"client": 1, "start": 1.0, "times": [], "error": "x"}]
     assert steady_rate(broken) == (None, 0.0)
+
+
+def test_the_table_tells_requests_given_up_after_429s_from_other_errors():
+    results = [_request(0, 0.0, 0.0, 4, 0.1),
+               {"client": 1, "error": "429: b'over capacity'", "status": 429, "refused": 20},
+               {"client": 2, "error": "ReadError: ...", "status": "connection", "refused": 3}]
+    row = summarize(results, elapsed=1.0, output_len=4)
+    assert (row["errors"], row["gave_up_429"], row["refused_429"]) == (2, 1, 23)
+    table = render({"systems": {"ours": [{**row, "concurrency": 64}]}})
+    assert "| 2 (1) | 23 / 0 |" in table
+    assert "| 0 | " in render({"systems": {"ours": [{**summarize(results[:1], 1.0, 4), "concurrency": 1}]}})
 
 
 def test_steady_rate_counts_the_tokens_of_each_chunk():
