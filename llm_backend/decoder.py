@@ -25,6 +25,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+LAST_INDEX = "llm_last_index"   # the graph input prepare_graph adds: the position whose logits each row returns
+
 
 def cpu_count() -> int:
     """Cores this process may run on (the affinity mask, not the host's count)."""
@@ -86,10 +88,12 @@ def _head_input(graph) -> tuple[str, object] | None:
 def prepare_graph(onnx_path: Path, prefill_variant: bool) -> tuple[bytes | str, bytes | None]:
     """(graph for decoding, graph for prefill or None when the same will do).
 
-    1. LM head on the last position only. The builder's graph computes logits for every
-       prompt position, though a prefill needs only the last (for a long prompt a large
-       share of the compute, and a large output). We slice the final norm's output
-       before the head. The graph is edited in memory; the weights stay where they are.
+    1. LM head on one position per row only. The builder's graph computes logits for
+       every prompt position, though a prefill needs only the last (for a long prompt a
+       large share of the compute, and a large output). We gather the final norm's
+       output at the position the new input `llm_last_index` names for each row (the
+       last one, or a right-padded row's last real one in a batched prefill) before the
+       head. The graph is edited in memory; the weights stay where they are.
     2. For 4-bit exports (`MatMulNBits` with accuracy_level 4: int8 activations), a
        prefill copy with accuracy_level 0 (fp32 compute on dequantized blocks): prefill
        is faster with it, single-row decode with int8 activations, so each kind of call
@@ -102,19 +106,26 @@ def prepare_graph(onnx_path: Path, prefill_variant: bool) -> tuple[bytes | str, 
     model = onnx.load(str(onnx_path), load_external_data=False)
     g = model.graph
     found = _head_input(g)
-    if found is None:
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if found is None or opset < 13:   # Unsqueeze with its axes as an input
         return str(onnx_path), None
     hidden, norm = found
-    consts = [helper.make_tensor(f"llm_last/{k}", onnx.TensorProto.INT64, [1], [v])
-              for k, v in (("starts", -1), ("ends", 2**62), ("axes", 1))]
-    g.initializer.extend(consts)
-    sliced = "llm_last/hidden"
+    # hidden [rows, positions, width] -> [rows, 1, width] at llm_last_index[row]
+    g.input.append(helper.make_tensor_value_info(LAST_INDEX, onnx.TensorProto.INT64, ["batch_size"]))
+    g.initializer.append(helper.make_tensor("llm_last/axis", onnx.TensorProto.INT64, [1], [1]))
+    picked = "llm_last/hidden"
     for node in g.node:
         for i, name in enumerate(node.input):
             if name == hidden:
-                node.input[i] = sliced
-    g.node.insert(list(g.node).index(norm) + 1, helper.make_node(
-        "Slice", [hidden, *(c.name for c in consts)], [sliced], name="llm_last/Slice"))
+                node.input[i] = picked
+    at = list(g.node).index(norm) + 1
+    for i, node in enumerate([
+        helper.make_node("Unsqueeze", [LAST_INDEX, "llm_last/axis"], ["llm_last/index"], name="llm_last/Unsqueeze"),
+        helper.make_node("GatherND", [hidden, "llm_last/index"], ["llm_last/row"], batch_dims=1,
+                         name="llm_last/GatherND"),
+        helper.make_node("Unsqueeze", ["llm_last/row", "llm_last/axis"], [picked], name="llm_last/Position"),
+    ]):
+        g.node.insert(at + i, node)
     decode = model.SerializeToString()
     levels = [a for n in g.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"]
     if not prefill_variant or not any(a.i != 0 for a in levels):
@@ -244,6 +255,13 @@ class Decoder:
         self._logits_out = None
         if device == "cpu" and not isinstance(decode_graph, str) and logits.type == "tensor(float)":
             self._logits_out = np.empty((num_slots, 1, sp.vocab_size), dtype=np.float32)
+        # Logits of one position per row (prepare_graph): several prompts can then be
+        # prefilled in one call, right-padded to the longest (`prefill_batch`). Not with
+        # a prefill graph of its own (4-bit exports): it computes in fp32 on dequantized
+        # blocks, whose sums depend on the batch (logits ~3e-5 apart, measured), and a
+        # request's first token must come from its prompt alone, whatever else runs.
+        self._picks_position = LAST_INDEX in names
+        self.batched_prefill = self._picks_position and self.prefill_session is self.session
         log.info("decoder: %s, %d layers, %d slots x %d tokens (%.0f MB KV), %d threads, %s",
                  onnx_path, sp.num_layers, num_slots, max_len,
                  num_slots * self.row_bytes / 2**20, threads, self.session.get_providers()[0])
@@ -290,7 +308,8 @@ class Decoder:
                 binding.bind_output(present % layer, self.device, 0, self.kv_dtype, shape, ptr)
 
     def _run(self, input_ids: np.ndarray, mask: np.ndarray, first: int, count: int,
-             session=None) -> np.ndarray:
+             session=None, last: np.ndarray | None = None) -> np.ndarray:
+        """`last`: the position each row returns logits for (default: the last one)."""
         session = session or self.session
         # One binding per (session, rows): the KV pointers never move, and binding the
         # 2 x layers buffers anew every step was a visible share of a one-row decode.
@@ -307,6 +326,10 @@ class Decoder:
             self._bindings[key] = binding
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", mask)
+        if self._picks_position:
+            if last is None:
+                last = np.full(count, input_ids.shape[1] - 1, dtype=np.int64)
+            binding.bind_cpu_input(LAST_INDEX, last)
         session.run_with_iobinding(binding)
         if self._logits_out is not None:
             return self._logits_out[:count].copy()   # callers keep logits across calls
@@ -329,6 +352,25 @@ class Decoder:
         # other KV and logits (up to 0.8 apart), so a cached prompt changed the output.
         logits = self._run(ids, mask, row, 1, self.prefill_session)
         return logits[0, -1]
+
+    def prefill_batch(self, first: int, prompts: list[list[int]]) -> np.ndarray:
+        """Whole new prompts (nothing cached) on rows [first, first + len(prompts)) in one
+        call, right-padded to the longest. Returns each one's last-token logits, [k, vocab].
+        Rows do not mix: each row's KV and logits are those of its prompt alone (onnxruntime's
+        attention takes each row's length from the mask; the padding's own KV lands past
+        the row's length, where decoding overwrites it)."""
+        if not self.batched_prefill:
+            raise ValueError("no batched prefill for this graph (see batched_prefill): one prompt a call")
+        k, width = len(prompts), max(len(p) for p in prompts)
+        if width > self.max_len or min(len(p) for p in prompts) < 1:
+            raise ValueError(f"prompts of {[len(p) for p in prompts]} tokens for rows of {self.max_len}")
+        ids = np.zeros((k, width), dtype=np.int64)
+        mask = np.zeros((k, width), dtype=np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = p
+            mask[i, :len(p)] = 1
+        last = np.array([len(p) - 1 for p in prompts], dtype=np.int64)
+        return self._run(ids, mask, first, k, self.prefill_session, last)[:, -1]
 
     def decode(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One step for rows [0, n): row i has `lengths[i]` positions filled and gets

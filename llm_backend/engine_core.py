@@ -90,6 +90,8 @@ class EngineCore:
     def _prefill(self) -> None:
         sched, out = self.scheduler, self.outputs
         budget = sched.prefill_chunk
+        if (group := sched.next_prefill_group(budget)) is not None:
+            budget -= self._prefill_group(*group)
         while (job := sched.next_prefill(budget)) is not None:
             req, chunk = job
             try:
@@ -112,6 +114,33 @@ class EngineCore:
             if req.status.finished:
                 out.finish(req)
             sched.first_token_done(req)
+
+    def _prefill_group(self, first: int, group: list[Request]) -> int:
+        """New prompts prefilled in one call on rows [first, first + len(group)), each
+        then sampling its first token as a lone prefill would. Returns the tokens spent."""
+        sched, out = self.scheduler, self.outputs
+        n = sum(len(r.prompt) for r in group)
+        try:
+            t0 = time.perf_counter()
+            logits = self.dec.prefill_batch(first, [r.prompt for r in group])
+            self.times.prefill_s += time.perf_counter() - t0
+            self.times.prefill_tokens += n
+        except Exception as err:
+            log.exception("batched prefill failed")
+            sched.group_failed(group)
+            for req in group:
+                out.fail(req, INTERNAL, f"prefill failed: {err}")
+            return n
+        now = time.monotonic()
+        for i, req in enumerate(group):
+            sched.group_prefilled(req, first + i)
+            req.last_time = now
+            self._accept(req, logits[i])
+            out.first_token(req, now)
+            if req.status.finished:
+                out.finish(req)
+        sched.group_done(group)
+        return n
 
     def _decode(self) -> None:
         sched, out = self.scheduler, self.outputs

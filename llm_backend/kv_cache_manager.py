@@ -2,7 +2,8 @@
 
 The decoder holds one KV row (slot) per request. Requests being decoded sit in rows
 `[0, d)`, in the order one decode call takes them; the request being prefilled, if
-any, in row `d`. A departure moves the last decoding row into the hole (one copy of its
+any, in row `d`. New requests prefilled together in one call (`allocate_group`) take
+rows at the end of the decoding ones straight away. A departure moves the last decoding row into the hole (one copy of its
 filled positions per departure, not per step) and the prefilling row down behind it.
 
 A new request's row is filled first from the prompt cache (prefix_cache.py: the longest
@@ -43,9 +44,21 @@ class KVCacheManager:
             self.dec.write_rows(row, i * block, kv)
             req.num_computed += kv.shape[3]
 
-    def cache_prompt(self, req: Request) -> None:
-        """Copy the full blocks of `req`'s computed prompt into the prompt cache."""
-        row, b = self.prefill_row, self.cache.block
+    def allocate_group(self, reqs: list[Request]) -> int:
+        """Rows for new requests prefilled together in one call (none has a cached
+        prefix): they join the decoding rows at once, in order, and leave through
+        `free` if they end at their first token. Returns the first one's row."""
+        assert self.prefilling is None and self.free_slots() >= len(reqs)
+        for req in reqs:   # counted as looked up (the prompt cache's hit rate); nothing is cached
+            assert not self.cache.lookup(req.prompt)
+        first = len(self.decoding)
+        self.decoding.extend(reqs)
+        return first
+
+    def cache_prompt(self, req: Request, row: int | None = None) -> None:
+        """Copy the full blocks of `req`'s computed prompt (in `row`, by default the
+        prefill row) into the prompt cache."""
+        row, b = self.prefill_row if row is None else row, self.cache.block
         self.cache.store(req.prompt, lambda i: self.dec.read_rows(row, i * b, (i + 1) * b))
 
     def start_decoding(self, req: Request) -> None:

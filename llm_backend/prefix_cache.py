@@ -85,6 +85,12 @@ class PrefixCache:
         self.hits += len(out) * self.block
         return out
 
+    def would_hit(self, tokens: list[int]) -> bool:
+        """Would `lookup` find a cached block (its first)? Counts and refreshes nothing."""
+        if not self.enabled or (len(tokens) - 1) // self.block < 1:
+            return False
+        return self._get(self._chain(tokens, 1)[0]) is not None
+
     def missing(self, tokens: list[int]) -> list[tuple[int, BlockKey]]:
         """(block index, key) of the full prompt blocks not cached yet."""
         if not self.enabled:

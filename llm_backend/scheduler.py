@@ -4,13 +4,16 @@ how many prompt tokens are computed per step, and when a request is done.
 Continuous batching with chunked prefill. Each step the engine (engine_core.py) asks:
 
 1. `drop_cancelled`: requests whose client left go, their slots free at once;
-2. `next_prefill`, until the step's budget of `prefill_chunk` prompt tokens is spent:
-   the request being prefilled continues, or the next waiting request gets a slot
-   (`_pick_next`: first come, first served). One request is prefilled at a time; a long
-   prompt is split over several steps, so running streams wait at most one bounded
-   prefill per token;
-3. `decoding`: every request holding a decoding row, for one decode call together;
-4. `append_token` for each sampled token: EOS and the length limits end a request.
+2. `next_prefill_group`: when nothing is half-prefilled, the oldest waiting requests
+   whose whole prompts fit the step's budget of `prefill_chunk` tokens and have nothing
+   in the prompt cache are prefilled together in one model call (two 38-token prompts
+   take 0.77x the time of one after the other here, four 0.57x);
+3. `next_prefill`, until the budget is spent: the request being prefilled continues, or
+   the next waiting request gets a slot (`_pick_next`: first come, first served). One
+   request is prefilled at a time; a long prompt is split over several steps, so running
+   streams wait at most one bounded prefill per token;
+4. `decoding`: every request holding a decoding row, for one decode call together;
+5. `append_token` for each sampled token: EOS and the length limits end a request.
 
 Change how the next request is picked in `_pick_next`. Where a request's KV lives is
 kv_cache_manager.py's business; text, stop strings and sending are output_processor.py's.
@@ -107,6 +110,54 @@ class Scheduler:
     def _pick_next(self) -> Request | None:
         """The waiting request that gets the next free slot: the oldest."""
         return self.waiting.popleft() if self.waiting else None
+
+    def next_prefill_group(self, budget: int) -> tuple[int, list[Request]] | None:
+        """(first row, requests) for new prompts to prefill together in one call: the
+        oldest waiting ones, in order, while each prompt fits whole in what is left of
+        `budget`, has no block in the prompt cache (a hit is copied in and only the rest
+        computed, alone) and a slot is free. None unless two or more qualify, or when the
+        decoder cannot (`batched_prefill`) or a prompt is half-prefilled."""
+        kv = self.kv
+        if not getattr(kv.dec, "batched_prefill", False) or kv.prefilling is not None:
+            return None
+        group: list[Request] = []
+        heads = set()   # prompts that begin alike go one after the other: the later ones hit the cache
+        for req in self.waiting:
+            head = tuple(req.prompt[:kv.cache.block]) if kv.cache.enabled else None
+            if (len(group) == kv.free_slots() or len(req.prompt) > budget or head in heads
+                    or kv.cache.would_hit(req.prompt)):
+                break
+            group.append(req)
+            budget -= len(req.prompt)
+            if head is not None and len(req.prompt) > kv.cache.block:
+                heads.add(head)
+        if len(group) < 2:
+            return None
+        for _ in group:
+            self.waiting.popleft()
+        self.release(len(group))
+        for req in group:
+            req.status = RequestStatus.PREFILLING
+        return kv.allocate_group(group), group
+
+    def group_prefilled(self, req: Request, row: int) -> None:
+        """A group member's whole prompt is in row `row`: its blocks go to the prompt cache."""
+        req.num_computed = len(req.prompt)
+        self.kv.cache_prompt(req, row)
+
+    def group_done(self, group: list[Request]) -> None:
+        """After their first tokens: the members decode on, those that ended leave."""
+        ended = [self.kv.decoding.index(r) for r in group if r.status.finished]
+        for req in group:
+            if not req.status.finished:
+                req.status = RequestStatus.DECODING
+        if ended:
+            self.kv.free(ended)
+
+    def group_failed(self, group: list[Request]) -> None:
+        for req in group:
+            req.status = RequestStatus.FINISHED_FAILED
+        self.kv.free([self.kv.decoding.index(r) for r in group])
 
     def next_prefill(self, budget: int) -> tuple[Request, list[int]] | None:
         """The next prompt tokens to compute, at most `budget`, and their request (in

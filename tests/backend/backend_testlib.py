@@ -42,9 +42,10 @@ class FakeDecoder:
     """Rows hold the token history; the next token is a function of the whole row, so
     any KV mix-up (wrong row after a move, stale positions) changes the output."""
 
-    def __init__(self, num_slots=4, max_len=64):
+    def __init__(self, num_slots=4, max_len=64, batched_prefill=False):
         self.spec = FakeSpec()
         self.num_slots, self.max_len = num_slots, max_len
+        self.batched_prefill = batched_prefill
         self.kv = [[None] * max_len for _ in range(num_slots)]
         self.calls = []
 
@@ -58,6 +59,15 @@ class FakeDecoder:
         self.kv[row][past_len:past_len + len(tokens)] = list(tokens)
         self.calls.append(("prefill", len(tokens)))
         return self._logits(self.kv[row][:past_len + len(tokens)])
+
+    def prefill_batch(self, first, prompts):
+        assert self.batched_prefill
+        self.calls.append(("prefill_batch", [len(p) for p in prompts]))
+        out = []
+        for i, p in enumerate(prompts):
+            self.kv[first + i][:len(p)] = list(p)
+            out.append(self._logits(self.kv[first + i][:len(p)]))
+        return np.stack(out)
 
     def decode(self, tokens, lengths):
         self.calls.append(("decode", len(tokens)))

@@ -342,6 +342,7 @@ def test_prompt_logits_do_not_depend_on_how_the_prompt_was_split(tmp_path):
     version = ensure_default_model(tmp_path / "repo", precision="int4") / "1"
     dec = Decoder(version, num_slots=2, max_len=64, intra_op_threads=2)
     assert dec.prefill_session is not dec.session     # the int4 export has both graphs
+    assert not dec.batched_prefill                     # its fp32 prefill sums depend on the batch
     prompt = list(range(1000, 1037))
     whole = dec.prefill(0, prompt, 0)
     dec.prefill(1, prompt[:32], 0)                     # the cached blocks
@@ -363,8 +364,8 @@ def test_w8a8_rows_are_bit_identical_alone_batched_or_split(tmp_path):
     version = ensure_default_model(tmp_path / "repo", precision="w8a8") / "1"
     decode_graph, prefill_graph = prepare_graph(version / "model.onnx", prefill_variant=True)
     assert prefill_graph is None                       # one graph serves both
-    sliced = [n for n in onnx.load_from_string(decode_graph).graph.node if n.name == "llm_last/Slice"]
-    assert len(sliced) == 1 and "norm" in sliced[0].input[0]   # LM head on the last position only
+    picked = [n for n in onnx.load_from_string(decode_graph).graph.node if n.name == "llm_last/GatherND"]
+    assert len(picked) == 1 and "norm" in picked[0].input[0]   # LM head on one position per row only
     dec = Decoder(version, num_slots=4, max_len=64, intra_op_threads=2)
     assert dec.prefill_session is dec.session
     prompts = [list(range(1000 + 7 * i, 1037 + 7 * i)) for i in range(4)]
@@ -376,6 +377,15 @@ def test_w8a8_rows_are_bit_identical_alone_batched_or_split(tmp_path):
     alone = dec.decode(np.array([42]), np.array([37]))[0]
     batched = dec.decode(np.array([42, 42, 7, 9]), np.array([37] * 4))
     assert np.array_equal(batched[0], alone) and np.array_equal(batched[1], alone)
+    # new prompts of different lengths prefilled together, right-padded: each row's logits
+    # and KV are its prompt's alone
+    prompts = [prompts[0], prompts[1][:20], prompts[2][:29]]
+    lone = [dec.prefill(0, p, 0) for p in prompts[:1]] + [dec.prefill(i, p, 0) for i, p in enumerate(prompts) if i]
+    kv = [dec.read_rows(i, 0, len(p)).copy() for i, p in enumerate(prompts)]
+    assert dec.batched_prefill
+    together = dec.prefill_batch(1, prompts)                       # rows 1-3
+    for i, p in enumerate(prompts):
+        assert np.array_equal(together[i], lone[i]) and np.array_equal(dec.read_rows(1 + i, 0, len(p)), kv[i])
 
 
 @pytest.mark.slow
@@ -392,7 +402,7 @@ def test_logits_of_any_shape_through_a_kept_binding(tmp_path, monkeypatch):
     for n in (5, 9, 3):
         prompt = list(range(2000, 2000 + n))
         assert np.allclose(whole.prefill(0, prompt, 0), sliced.prefill(0, prompt, 0), atol=1e-4)
-    assert len(whole._bindings) == 1
+    assert len(whole._bindings) == 1 and sliced.batched_prefill and not whole.batched_prefill
 
 
 def test_error_to_a_cancelled_request_is_the_bare_final_flag(triton_sender):

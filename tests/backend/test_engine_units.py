@@ -87,6 +87,83 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps():
     assert dec.calls[-1] == ("decode", 2)                                  # the newcomer joined
 
 
+# -- new prompts prefilled together ----------------------------------------------------------------------
+def _together(dec, jobs, **kw):
+    """Submit (prompt, max_tokens) jobs at once to a core over `dec`, run them; their texts and ends."""
+    c = core(dec, max_queue_size=10, **kw)
+    sinks = [ListSink() for _ in jobs]
+    for (p, n), sink in zip(jobs, sinks):
+        c.add_request(p, SamplingParams(max_tokens=n), sink)
+    run(c)
+    assert c.scheduler.kv.free_slots() == dec.num_slots and c.scheduler._pending == 0
+    return c, [("".join(k.pieces), k.end) for k in sinks]
+
+
+def test_new_prompts_arriving_together_are_prefilled_in_one_call_and_answer_as_alone():
+    # different lengths (right-padded in one call), one ending at its first token: its row
+    # is freed under the others, which must still decode from their own rows
+    jobs = [(list(range(1, 6)), 6), (list(range(10, 19)), 1), (list(range(30, 33)), 5), (list(range(40, 47)), 4)]
+    alone = [(_alone(p, n), ("length", len(p), n)) for p, n in jobs]
+    dec = FakeDecoder(batched_prefill=True)
+    c, got = _together(dec, jobs, prefill_chunk=64)
+    assert got == alone
+    assert dec.calls[0] == ("prefill_batch", [5, 9, 3, 7]) and not any(k == "prefill" for k, _ in dec.calls)
+    assert c.scheduler.kv.cache.queries == 5 + 9 + 3 + 7         # looked up (the hit rate), none hit
+    # the group's prompts went to the prompt cache from their own rows
+    again = jobs[1][0][:8] + [55]
+    sink = ListSink()
+    c.add_request(again, SamplingParams(max_tokens=4), sink)
+    run(c)
+    assert c.scheduler.kv.cache.hits == 8 and "".join(sink.pieces) == _alone(again, 4)
+
+
+def test_a_group_takes_the_oldest_prompts_that_fit_the_budget_and_the_free_slots():
+    dec = FakeDecoder(batched_prefill=True)
+    jobs = [(list(range(1, 7)), 3), (list(range(10, 16)), 3), (list(range(20, 26)), 3), (list(range(30, 36)), 3),
+            (list(range(40, 46)), 3)]
+    alone = [(_alone(p, n), ("length", len(p), n)) for p, n in jobs]
+    c, got = _together(dec, jobs, prefill_chunk=15)              # 6 + 6 fit, a third would not
+    assert got == alone
+    assert dec.calls[0] == ("prefill_batch", [6, 6]) and dec.calls[1] == ("prefill", 3)   # the rest of the budget
+    dec = FakeDecoder(batched_prefill=True)
+    c, got = _together(dec, jobs, prefill_chunk=64)              # 4 slots: 4 together, the fifth waits
+    assert got == alone and dec.calls[0] == ("prefill_batch", [6] * 4)
+
+
+def test_prompts_with_a_cached_or_shared_beginning_are_not_prefilled_together():
+    dec = FakeDecoder(batched_prefill=True)
+    shared = list(range(1, 9))
+    c, got = _together(dec, [(shared + [50, 51], 2), (shared + [60, 61, 62], 2)], prefill_chunk=64)
+    assert got == [(_alone(shared + [50, 51], 2), ("length", 10, 2)), (_alone(shared + [60, 61, 62], 2), ("length", 11, 2))]
+    assert not any(k == "prefill_batch" for k, _ in dec.calls)
+    assert c.scheduler.kv.cache.hits == 8                        # the second reused the first's blocks
+    dec.calls.clear()
+    sinks = [ListSink(), ListSink()]
+    c.add_request(shared + [33], SamplingParams(max_tokens=2), sinks[0])    # cached beginning, oldest
+    c.add_request(list(range(40, 50)), SamplingParams(max_tokens=2), sinks[1])
+    run(c)
+    assert not any(k == "prefill_batch" for k, _ in dec.calls) and c.scheduler.kv.cache.hits == 16
+
+
+def test_a_failed_group_prefill_fails_its_requests_and_frees_their_slots():
+    class Broken(FakeDecoder):
+        def prefill_batch(self, first, prompts):
+            raise RuntimeError("onnxruntime said no")
+
+    dec = Broken(batched_prefill=True)
+    c = core(dec, max_queue_size=10, prefill_chunk=64)
+    sinks = [ListSink() for _ in range(3)]
+    for i, sink in enumerate(sinks):
+        c.add_request(list(range(10 * i + 1, 10 * i + 6)), SamplingParams(max_tokens=3), sink)
+    run(c)
+    assert [k.error for k in sinks] == [("internal", "prefill failed: onnxruntime said no")] * 3
+    assert c.scheduler.kv.free_slots() == 4 and c.scheduler._pending == 0
+    later = ListSink()
+    c.add_request([1, 2, 3], SamplingParams(max_tokens=3), later)     # alone: the single path
+    run(c)
+    assert later.end == ("length", 3, 3)
+
+
 def test_prefix_cache_reuses_blocks_and_gives_the_same_output():
     dec = FakeDecoder()
     c = core(dec)
