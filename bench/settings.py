@@ -9,6 +9,9 @@ output tokens. Settings alternate round by round, so a drift of the machine hits
 them alike.
 
     python -m bench.settings [--param intra_op_threads 1 2] [--param stream_interval 1 4] [--rounds 2]
+                             [--stagger 0.1]
+
+`--stagger` is the seconds between client starts (0.1 as `make bench`; 0: a burst, all at once).
 
 Writes docs/bench-results/settings-<time>.json and .md and prints the table (output
 tokens per second over each level, as `make bench`'s whole-run rate). Two defaults were
@@ -32,6 +35,7 @@ from pathlib import Path
 import httpx
 
 from bench.results import write_run
+from llm_backend.model_config import EngineParams
 from bench.serving import (MODEL, OUT, ROOT, adapter_over, grpc_stream, load, openai_stream, prompts_for,
                            summarize, triton_serving)
 
@@ -45,8 +49,12 @@ def configured(src: Path, dest: Path, setting: dict[str, str]) -> Path:
     model.mkdir(parents=True)
     os.symlink(src / "1", model / "1")
     cfg = (src / "config.pbtxt").read_text()
+    known = EngineParams().__dict__
     for key, value in setting.items():
         cfg, n = re.subn(rf'(key: "{key}" value: {{ string_value: ")[^"]*(")', rf"\g<1>{value}\2", cfg)
+        if n == 0 and key in known:   # an engine setting newer than this export's config
+            cfg, n = re.subn(r"(\nparameters \[\n)", rf'\g<1>  {{ key: "{key}" value: {{ string_value: "{value}" }} }},\n',
+                             cfg)
         if n != 1:
             raise SystemExit(f"{src / 'config.pbtxt'} has no {key} parameter")
     (model / "config.pbtxt").write_text(cfg)
@@ -71,7 +79,8 @@ def cpu_seconds(pid: int, children: bool = True) -> float:
     return total
 
 
-def measure(repo: Path, tmp: Path, tok, texts: list[str], ids: list[list[int]], offset: int) -> list[dict]:
+def measure(repo: Path, tmp: Path, tok, texts: list[str], ids: list[list[int]], offset: int,
+            stagger: float = 0.1) -> list[dict]:
     """Each level's rates, and the CPU each process used while it ran, in cores and per
     streamed chunk. The engine is tritonserver's child (the stub); its onnxruntime
     workers spin between operators, so it shows near every core whatever it computes."""
@@ -83,7 +92,7 @@ def measure(repo: Path, tmp: Path, tok, texts: list[str], ids: list[list[int]], 
                     return await openai_stream(http, adapter.url, MODEL, texts[base + i], 64, tok)
                 await openai_stream(http, adapter.url, MODEL, texts[-1], 64)  # warm-up
                 mark()
-                return await load(send, c, REQUESTS[c] // c, 0.1)
+                return await load(send, c, REQUESTS[c] // c, stagger)
 
         async def grpc(c: int, base: int):
             import tritonclient.grpc.aio as grpcclient
@@ -93,7 +102,7 @@ def measure(repo: Path, tmp: Path, tok, texts: list[str], ids: list[list[int]], 
                     return await grpc_stream(client, MODEL, ids[base + i], 64)
                 await grpc_stream(client, MODEL, ids[-1], 64)  # warm-up
                 mark()
-                return await load(send, c, REQUESTS[c] // c, 0.1)
+                return await load(send, c, REQUESTS[c] // c, stagger)
             finally:
                 await client.close()
 
@@ -145,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="a config.pbtxt parameter and its values to compare (repeatable; default: "
                          "intra_op_threads 1 2)")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--stagger", type=float, default=0.1, help="seconds between client starts (0: all at once)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from llm_backend.service import load_tokenizer
@@ -168,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp = Path(tempfile.mkdtemp(prefix="bench-settings-"))
             repo = configured(src, tmp / "repo", setting)
             name = ", ".join(f"{k} {v}" for k, v in setting.items())
-            for row in measure(repo, tmp, tok, texts, ids, offset):
+            for row in measure(repo, tmp, tok, texts, ids, offset, args.stagger):
                 report["runs"].append({"setting": name, "round": rnd, **row})
                 print(f"{name} round {rnd} {row['path']:10s} c={row['concurrency']:2d} {row['tok_s']:7.1f} tok/s "
                       f"TTFT p50 {row['ttft_p50_ms']} ms errors {row['errors']}", flush=True)
@@ -180,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         OUT, "settings", report,
         f"# bench.settings {report['date']}\n\nThe default model through the whole stack ({os.cpu_count()} CPUs), "
         f"settings in turns over {args.rounds} rounds; 38-token prompts (each request its own), 64 greedy output "
-        f"tokens; concurrency 1: 16 requests one after another; 16: 16 clients x 4. Load average "
+        f"tokens; concurrency 1: 16 requests one after another; 16: 16 clients x 4, starting {args.stagger} s "
+        f"apart. Load average "
         f"{report['load_average_before'][0]:.2f} before, {report['load_average_after'][0]:.2f} after.\n\n{table}\n")
     return 0
 

@@ -60,6 +60,7 @@ class EngineParams:
     kv_cache_gpu_fraction: float = 0.5     # GPU: fraction of free device memory for KV
     max_queue_size: int = 64               # requests waiting for a slot; beyond -> UNAVAILABLE
     prefill_chunk: int = 128               # prompt tokens per engine step (interleaved with decode)
+    max_prefill_batch: int = 8             # new prompts prefilled together in one call at most; 1: one a call
     prefix_cache_mb: int = 64              # prompt (prefix) cache; 0 disables
     stream_interval: int = 4               # tokens per streamed response after the first (vLLM's, SGLang's
                                            # option; held at most 0.2 s): each response costs Triton, the

@@ -35,8 +35,9 @@ class Scheduler:
     from the engine thread."""
 
     def __init__(self, kv: KVCacheManager, *, max_model_len: int, max_queue_size: int,
-                 prefill_chunk: int, eos_token_ids: list[int]):
+                 prefill_chunk: int, eos_token_ids: list[int], max_prefill_batch: int = 8):
         self.kv = kv
+        self.max_prefill_batch = max_prefill_batch
         self.max_model_len = max_model_len
         self.max_queue_size = max_queue_size
         self.prefill_chunk = max(1, prefill_chunk)
@@ -116,7 +117,8 @@ class Scheduler:
         oldest waiting ones, in order, while each prompt fits whole in what is left of
         `budget`, has no block in the prompt cache (a hit is copied in and only the rest
         computed, alone) and a slot is free. None unless two or more qualify, or when the
-        decoder cannot (`batched_prefill`) or a prompt is half-prefilled."""
+        decoder cannot (`batched_prefill`) or a prompt is half-prefilled. At most
+        `max_prefill_batch` prompts."""
         kv = self.kv
         if not getattr(kv.dec, "batched_prefill", False) or kv.prefilling is not None:
             return None
@@ -124,7 +126,7 @@ class Scheduler:
         heads = set()   # prompts that begin alike go one after the other: the later ones hit the cache
         for req in self.waiting:
             head = tuple(req.prompt[:kv.cache.block]) if kv.cache.enabled else None
-            if (len(group) == kv.free_slots() or len(req.prompt) > budget or head in heads
+            if (len(group) == min(kv.free_slots(), self.max_prefill_batch) or len(req.prompt) > budget or head in heads
                     or kv.cache.would_hit(req.prompt)):
                 break
             group.append(req)

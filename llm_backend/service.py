@@ -45,13 +45,14 @@ def kv_slots(params: EngineParams, row_bytes: int) -> int:
 
 def build_core(decoder, tokenizer, outbox: Responder, *, max_model_len: int, max_queue_size: int,
                prefill_chunk: int, prefix_cache: PrefixCache | None = None, metrics: Metrics | None = None,
-               eos_token_ids: list[int] | None = None, stream_interval: int = 1) -> EngineCore:
+               eos_token_ids: list[int] | None = None, stream_interval: int = 1,
+               max_prefill_batch: int = 8) -> EngineCore:
     """The engine's step machine over a decoder (tests pass a fake one); its output goes
     through `outbox`."""
     kv = KVCacheManager(decoder, prefix_cache)
     eos = decoder.spec.eos_token_ids if eos_token_ids is None else eos_token_ids
     scheduler = Scheduler(kv, max_model_len=max_model_len, max_queue_size=max_queue_size,
-                          prefill_chunk=prefill_chunk, eos_token_ids=eos)
+                          prefill_chunk=prefill_chunk, eos_token_ids=eos, max_prefill_batch=max_prefill_batch)
     return EngineCore(decoder, scheduler, OutputProcessor(tokenizer, outbox, metrics, stream_interval), outbox)
 
 
@@ -72,6 +73,9 @@ def load_engine(version_dir: Path, params: EngineParams, metrics=None) -> tuple[
                              f"({params.max_model_len}) must be positive")
     if params.stream_interval < 1:
         raise ModelLoadError(f"stream_interval ({params.stream_interval}) must be at least 1 (1: every token)")
+    if params.max_prefill_batch < 1:
+        raise ModelLoadError(f"max_prefill_batch ({params.max_prefill_batch}) must be at least 1 "
+                             "(1: one prompt a prefill call)")
     tokenizer = load_tokenizer(version_dir)
     spec = DecoderSpec.from_genai_config(version_dir / "genai_config.json")
     if spec.context_length and params.max_model_len > spec.context_length:
@@ -88,7 +92,8 @@ def load_engine(version_dir: Path, params: EngineParams, metrics=None) -> tuple[
     core = build_core(decoder, tokenizer, Responder(), max_model_len=params.max_model_len,
                       max_queue_size=params.max_queue_size, prefill_chunk=params.prefill_chunk,
                       prefix_cache=PrefixCache(params.prefix_cache_mb * 2**20),
-                      metrics=metrics, eos_token_ids=sorted(eos), stream_interval=params.stream_interval)
+                      metrics=metrics, eos_token_ids=sorted(eos), stream_interval=params.stream_interval,
+                      max_prefill_batch=params.max_prefill_batch)
     chars_per_token = max_chars_per_token(tokenizer)
     if chars_per_token is None:
         log.warning("this tokenizer gives no bound on characters per token: every prompt is tokenized "

@@ -316,6 +316,8 @@ def test_missing_or_corrupt_artifacts_fail_the_load_clearly(tmp_path):
         load_engine(tmp_path / "1", EngineParams())
     with pytest.raises(ModelLoadError, match=r"stream_interval \(0\) must be at least 1"):
         load_engine(tmp_path / "1", EngineParams(stream_interval=0))
+    with pytest.raises(ModelLoadError, match=r"max_prefill_batch \(0\) must be at least 1"):
+        load_engine(tmp_path / "1", EngineParams(max_prefill_batch=0))
 
 
 def test_kv_budget_in_slots():

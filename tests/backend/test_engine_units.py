@@ -128,6 +128,12 @@ def test_a_group_takes_the_oldest_prompts_that_fit_the_budget_and_the_free_slots
     dec = FakeDecoder(batched_prefill=True)
     c, got = _together(dec, jobs, prefill_chunk=64)              # 4 slots: 4 together, the fifth waits
     assert got == alone and dec.calls[0] == ("prefill_batch", [6] * 4)
+    dec = FakeDecoder(batched_prefill=True)
+    c, got = _together(dec, jobs, prefill_chunk=64, max_prefill_batch=3)
+    assert got == alone and dec.calls[0] == ("prefill_batch", [6] * 3) and dec.calls[1] == ("prefill", 6)
+    dec = FakeDecoder(batched_prefill=True)
+    c, got = _together(dec, jobs, prefill_chunk=64, max_prefill_batch=1)   # off
+    assert got == alone and not any(k == "prefill_batch" for k, _ in dec.calls)
 
 
 def test_prompts_with_a_cached_or_shared_beginning_are_not_prefilled_together():

@@ -1,5 +1,6 @@
 """bench.settings: the config each setting is served with, and the CPU it counts."""
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,6 +23,13 @@ def test_configured_sets_each_parameter_and_links_the_version(tmp_path):
     assert os.readlink(model / "1") == str(src / "1")
     with pytest.raises(SystemExit, match="no no_such_knob parameter"):
         configured(src, tmp_path / "repo2", {"no_such_knob": "1"})
+    # an engine setting the export's config predates is added
+    (src / "config.pbtxt").write_text(re.sub(r'  \{ key: "max_prefill_batch"[^\n]*\n', "",
+                                             render_config_pbtxt("m", EngineParams())))
+    assert "max_prefill_batch" not in (src / "config.pbtxt").read_text()
+    repo = configured(src, tmp_path / "repo3", {"max_prefill_batch": "1"})
+    model = next(repo.iterdir())
+    assert EngineParams.from_parameters(_parameters((model / "config.pbtxt").read_text())).max_prefill_batch == 1
 
 
 def _parameters(pbtxt: str) -> dict[str, str]:
