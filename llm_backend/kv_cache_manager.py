@@ -2,9 +2,10 @@
 
 The decoder holds one KV row (slot) per request. Requests being decoded sit in rows
 `[0, d)`, in the order one decode call takes them; the request being prefilled, if
-any, in row `d`. New requests prefilled together in one call (`allocate_group`) take
-rows at the end of the decoding ones straight away. A departure moves the last decoding row into the hole (one copy of its
-filled positions per departure, not per step) and the prefilling row down behind it.
+any, in row `d`. New requests prefilled together in one call (`allocate_group`) join
+the decoding rows straight away. A departure moves the last decoding row into the hole
+(one copy of its filled positions per departure, not per step) and the prefilling row
+down behind it.
 
 A new request's row is filled first from the prompt cache (prefix_cache.py: the longest
 cached prefix, copied in), and its prompt's full blocks are copied out once computed.

@@ -151,6 +151,20 @@ def test_prompts_with_a_cached_or_shared_beginning_are_not_prefilled_together():
     assert not any(k == "prefill_batch" for k, _ in dec.calls) and c.scheduler.kv.cache.hits == 16
 
 
+def test_who_gets_a_slot_is_decided_in_one_place_for_lone_and_grouped_prefills(monkeypatch):
+    from llm_backend.scheduler import Scheduler
+
+    monkeypatch.setattr(Scheduler, "_pick_order", lambda self: list(reversed(self.waiting)))   # newest first
+    for batched, first_calls in ((False, [("prefill", 7), ("prefill", 6)]), (True, [("prefill_batch", [7, 6])])):
+        dec = FakeDecoder(num_slots=2, batched_prefill=batched)
+        c = core(dec, max_queue_size=10, prefill_chunk=64)
+        for n in (5, 6, 7):
+            c.add_request(list(range(8 * n, 9 * n)), SamplingParams(max_tokens=2), ListSink())
+        step(c)
+        assert [call for call in dec.calls if call[0] != "decode"] == first_calls
+        run(c)
+
+
 def test_a_failed_group_prefill_fails_its_requests_and_frees_their_slots():
     class Broken(FakeDecoder):
         def prefill_batch(self, first, prompts):
