@@ -107,12 +107,7 @@ class EngineCore:
             budget -= len(chunk)
             if not sched.prefilled(req, len(chunk)):
                 continue
-            now = time.monotonic()
-            req.last_time = now
-            self._accept(req, logits)
-            out.first_token(req, now)
-            if req.status.finished:
-                out.finish(req)
+            self._first_token(req, logits, time.monotonic())
             sched.first_token_done(req)
 
     def _prefill_group(self, first: int, group: list[Request]) -> int:
@@ -133,14 +128,18 @@ class EngineCore:
             return n
         now = time.monotonic()
         for i, req in enumerate(group):
-            sched.group_prefilled(req, first + i)
-            req.last_time = now
-            self._accept(req, logits[i])
-            out.first_token(req, now)
-            if req.status.finished:
-                out.finish(req)
+            sched.prefilled(req, len(req.prompt), row=first + i)
+            self._first_token(req, logits[i], now)
         sched.group_done(group)
         return n
+
+    def _first_token(self, req: Request, logits: np.ndarray, now: float) -> None:
+        """A prompt is in: sample its first token, pass it on (and the end, if that was all)."""
+        req.last_time = now
+        self._accept(req, logits)
+        self.outputs.first_token(req, now)
+        if req.status.finished:
+            self.outputs.finish(req)
 
     def _decode(self) -> None:
         sched, out = self.scheduler, self.outputs

@@ -51,7 +51,8 @@ class KVCacheManager:
         `free` if they end at their first token. Returns the first one's row."""
         assert self.prefilling is None and self.free_slots() >= len(reqs)
         for req in reqs:   # counted as looked up (the prompt cache's hit rate); nothing is cached
-            assert not self.cache.lookup(req.prompt)
+            cached = self.cache.lookup(req.prompt)
+            assert not cached
         first = len(self.decoding)
         self.decoding.extend(reqs)
         return first

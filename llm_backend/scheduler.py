@@ -146,15 +146,9 @@ class Scheduler:
             return None
         for req in group:
             self.waiting.remove(req)
-        self.release(len(group))
-        for req in group:
             req.status = RequestStatus.PREFILLING
+        self.release(len(group))
         return kv.allocate_group(group), group
-
-    def group_prefilled(self, req: Request, row: int) -> None:
-        """A group member's whole prompt is in row `row`: its blocks go to the prompt cache."""
-        req.num_computed = len(req.prompt)
-        self.kv.cache_prompt(req, row)
 
     def group_done(self, group: list[Request]) -> None:
         """After their first tokens: the members decode on, those that ended leave."""
@@ -187,13 +181,14 @@ class Scheduler:
             self.kv.allocate(req)
         return req, req.prompt[req.num_computed:req.num_computed + budget]
 
-    def prefilled(self, req: Request, n: int) -> bool:
-        """`n` more prompt tokens of `req` are in the KV cache; True when its whole prompt
-        is (then its blocks go to the prompt cache, and its logits give the first token)."""
+    def prefilled(self, req: Request, n: int, row: int | None = None) -> bool:
+        """`n` more prompt tokens of `req` are in the KV cache (in `row`, by default the
+        prefill row); True when its whole prompt is (then its blocks go to the prompt
+        cache, and its logits give the first token)."""
         req.num_computed += n
         if req.num_computed < len(req.prompt):
             return False
-        self.kv.cache_prompt(req)
+        self.kv.cache_prompt(req, row)
         return True
 
     def prefill_failed(self, req: Request) -> None:
