@@ -7,6 +7,7 @@ the machine's drift over minutes falls on both sides of a ratio):
 
     ours (OpenAI API)   tritonserver + the adapter, as `make serve` runs them
     ours (gRPC)         the model directly over Triton's gRPC stream: the adapter's cost
+                        (prompts of its own, made alike: `prompt_plan`)
     llama-server        llama.cpp's C++ server (bench/llama_server.py), its OpenAI API,
                         a fresh server per concurrency with one slot per client,
                         repacking and continuous batching on
@@ -186,6 +187,21 @@ def summarize(results: list[dict], elapsed: float, output_len: int) -> dict:
             "tokens_per_chunk": round(len(ok) * output_len / max(1, sum(len(r["times"]) for r in ok)), 2)}
 
 
+def prompt_plan(requests: dict[int, int]) -> tuple[dict[int, int], int, int]:
+    """Which prompt each request takes, from {concurrency: requests at that level}: the
+    first index of each level, the warm-up's index and the shift of the gRPC rows.
+
+    Every request of a system has its own prompt: the levels in turn, then the warm-up;
+    llama-server (a fresh server per level) takes the same ones as our API rows. Our gRPC
+    rows run after the API rows in the same Triton process, so they take the same plan
+    shifted past it: on the API rows' prompts the prompt cache would skip most of their
+    prefill (it did, before: gRPC's time to first token looked half the API's)."""
+    offsets, n = {}, 0
+    for c, count in sorted(requests.items()):
+        offsets[c], n = n, n + count
+    return offsets, n, n + 1
+
+
 def prompts_for(tok, n: int, length: int) -> tuple[list[str], list[list[int]]]:
     """n different prompts of exactly `length` tokens (by this tokenizer), as text and ids;
     they differ from their first words, so no prompt cache (ours, llama-server's slots)
@@ -249,12 +265,8 @@ def run(args) -> dict:
     version = ensure_default_model(repo, name=MODEL) / "1"
     tok = load_tokenizer(version)
     levels = sorted(set(args.concurrency))
-    # Every request of a system gets its own prompt (the levels in turn, then the warm-up).
-    offsets, n = {}, 0
-    for c in levels:
-        offsets[c], n = n, n + c * rounds_at(c, args)
-    warm_up, n = n, n + 1
-    texts, ids = prompts_for(tok, n, args.prompt_len)
+    offsets, warm_up, grpc_shift = prompt_plan({c: c * rounds_at(c, args) for c in levels})
+    texts, ids = prompts_for(tok, 2 * grpc_shift, args.prompt_len)
     tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": vars(args),
                     "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
@@ -282,7 +294,7 @@ def run(args) -> dict:
         http = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=max(levels) * 2))
 
         async def send(i: int) -> dict:
-            return await openai_stream(http, url, model, texts[i % len(texts)], args.output_len, tok)
+            return await openai_stream(http, url, model, texts[i], args.output_len, tok)
         return send, http.aclose
 
     def ours(c: int) -> None:
@@ -297,7 +309,7 @@ def run(args) -> dict:
                 client = grpcclient.InferenceServerClient(triton.grpc_url)
 
                 async def send(i: int) -> dict:
-                    return await grpc_stream(client, MODEL, ids[i % len(ids)], args.output_len)
+                    return await grpc_stream(client, MODEL, ids[grpc_shift + i], args.output_len)
                 return send, client.close
             measure("ours, gRPC", c, grpc_sender)
 

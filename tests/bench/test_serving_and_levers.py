@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bench.levers import int8_blocks, q4_1_grid, rewrite
-from bench.serving import chunk_tokens, render, steady_rate, summarize
+from bench.serving import chunk_tokens, prompt_plan, render, steady_rate, summarize
 
 
 def _request(client, start, first, n, step):
@@ -43,6 +43,19 @@ def test_steady_rate_refuses_a_short_or_broken_window():
     broken = [_request(0, 0.0, 0.0, 100, 0.1), _request(0, 10.0, 10.0, 100, 0.1),
               {"client": 1, "start": 1.0, "times": [], "error": "x"}]
     assert steady_rate(broken) == (None, 0.0)
+
+
+def test_no_prompt_is_sent_twice_to_one_server():
+    """The gRPC rows follow the API rows in the same Triton process: a prompt the API
+    rows sent would come from the prompt cache, and gRPC's prefill would look free."""
+    requests = {1: 16, 4: 16, 16: 64}
+    offsets, warm_up, shift = prompt_plan(requests)
+    api = [offsets[c] + i for c in requests for i in range(requests[c])]
+    grpc = [shift + i for i in api]
+    assert len(set(api)) == len(api) == sum(requests.values())
+    assert warm_up not in api
+    assert not set(api + [warm_up]) & set(grpc + [shift + warm_up])
+    assert max(grpc + [shift + warm_up]) < 2 * shift      # prompts_for(tok, 2 * shift, ...)
 
 
 def test_the_table_tells_requests_given_up_after_429s_from_other_errors():
