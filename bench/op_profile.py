@@ -87,7 +87,9 @@ def profile(model_dir: Path, rows: int, context: int, steps: int, tmp: Path) -> 
     dec = decoder(True)
     profiled = float(np.median(step_times(dec, rows, steps)))
     trace = json.loads(Path(dec.session.end_profiling()).read_text())
-    us, nodes, runs = by_op_type(trace, skip_runs=rows)   # the prefills ran under the profiler too
+    # the prefills that filled the rows ran under the profiler too, unless the export has a
+    # prefill session of its own (4-bit exports)
+    us, nodes, runs = by_op_type(trace, skip_runs=rows if dec.prefill_session is dec.session else 0)
     total = sum(us.values())
     table = [{"op": op, "nodes": round(nodes[op] / runs), "kernel_ms": round(us[op] / runs / 1e3, 3),
               "share": round(us[op] / total, 3)} for op in sorted(us, key=us.get, reverse=True)]
