@@ -16,12 +16,15 @@ positions):
   one read      a small C kernel compiled here (AVX-512, gcc -O3 -march=native,
                 OpenMP on the process's cores): per row and key-value head, one pass
                 over the keys scoring its three query heads, a softmax each, one pass
-                over the values
+                over the values; called through ctypes, 30 calls a step
+  custom op     the same kernel as an onnxruntime custom op, `DecodeAttention` in the
+                domain `llm.kernels`, one node a layer run through an IOBinding like
+                the first; the library declares onnxruntime's C API by the indices of
+                the entries it uses (no onnxruntime header exists to build against)
 
-Both write the new token's key and value into the buffer and return the same numbers
-(checked to 1e-5 before timing). The C kernel is a measurement, not part of the engine:
-the engine runs onnxruntime, which takes a kernel only as a custom op. Writes
-docs/bench-results/attention-floor-<time>.json and .md. Not a test.
+All write the new token's key and value into the buffer and return the same numbers
+(checked to 1e-5 before timing). The kernel is a measurement, not part of the engine
+yet. Writes docs/bench-results/attention-floor-<time>.json and .md. Not a test.
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ KERNEL = r"""
 #include <string.h>
 #include <stdint.h>
 #include <immintrin.h>
+#include <stdlib.h>
+#include <stddef.h>
 
 /* q [rows, qh, 64], k_new/v_new [rows, kvh, 64], kc/vc [rows, kvh, max_len, 64],
    lengths [rows] (positions already in the cache), out [rows, qh, 64]; qh = 3 kvh.
@@ -108,6 +113,118 @@ void attend(const float *q, const float *k_new, const float *v_new, float *kc, f
             for (int c = 0; c < 4; c++) _mm512_storeu_ps(o + g * 64 + c * 16, acc[g][c]);
     }
 }
+
+/* The same kernel as an onnxruntime custom op, "DecodeAttention" in the domain
+   "llm.kernels". No onnxruntime header is needed: the library's RegisterCustomOps gets
+   the API base, and the C API is a versioned table of function pointers; the entries
+   used here are declared by their index in that table (entries are only ever appended,
+   so these hold for every later onnxruntime), and the op's own table by its layout at
+   API version 13. */
+typedef void Status;
+typedef struct { const void *(*get_api)(uint32_t version); const char *(*version_string)(void); } ApiBase;
+typedef void *const *ApiTable;
+enum { API_VERSION = 13 };
+enum { CREATE_DOMAIN = 26, DOMAIN_ADD = 27, ADD_DOMAIN = 28, TENSOR_DATA = 51, DIMS_COUNT = 61, DIMS = 62,
+       TYPE_AND_SHAPE = 65, CONTEXT_INPUT = 90, CONTEXT_OUTPUT = 91, RELEASE_TYPE_AND_SHAPE = 99 };
+static ApiTable api;
+
+typedef struct OpTable {
+    uint32_t version;
+    void *(*create_kernel)(const struct OpTable *, const void *api, const void *info);
+    const char *(*name)(const struct OpTable *);
+    const char *(*provider)(const struct OpTable *);
+    int (*input_type)(const struct OpTable *, size_t);
+    size_t (*input_count)(const struct OpTable *);
+    int (*output_type)(const struct OpTable *, size_t);
+    size_t (*output_count)(const struct OpTable *);
+    void (*compute)(void *kernel, void *context);
+    void (*destroy)(void *kernel);
+    int (*input_optional)(const struct OpTable *, size_t);
+    int (*output_optional)(const struct OpTable *, size_t);
+    int (*input_memory)(const struct OpTable *, size_t);
+} OpTable;
+
+typedef struct { float *work; size_t work_len; } Kernel;
+
+static void shape_of(const void *value, int64_t *dims, size_t *n) {
+    void *info;
+    ((Status *(*)(const void *, void **))api[TYPE_AND_SHAPE])(value, &info);
+    ((Status *(*)(const void *, size_t *))api[DIMS_COUNT])(info, n);
+    ((Status *(*)(const void *, int64_t *, size_t))api[DIMS])(info, dims, *n);
+    ((void (*)(void *))api[RELEASE_TYPE_AND_SHAPE])(info);
+}
+
+static void *data_of(const void *value) {
+    void *p;
+    ((Status *(*)(const void *, void **))api[TENSOR_DATA])(value, &p);
+    return p;
+}
+
+/* inputs: query [rows, 1, 9*64], key and value [rows, 1, 3*64], past_key and past_value
+   [rows, 3, max_len, 64], seqlens_k int32 [rows] (positions cached before this token);
+   outputs: output [rows, 1, 9*64], present_key and present_value (bound onto the past
+   buffers, as the engine binds GroupQueryAttention's; copied into them otherwise) */
+static void compute(void *kernel_, void *context) {
+    Kernel *kernel = kernel_;
+    const void *in[6];
+    for (int i = 0; i < 6; i++)
+        ((Status *(*)(const void *, size_t, const void **))api[CONTEXT_INPUT])(context, i, &in[i]);
+    int64_t qd[8], kd[8];
+    size_t qn, kn;
+    shape_of(in[0], qd, &qn);
+    shape_of(in[3], kd, &kn);
+    int rows = (int)qd[0], qh = (int)(qd[2] / 64), kvh = (int)kd[1], max_len = (int)kd[2];
+    void *out[3];
+    Status *(*output)(void *, size_t, const int64_t *, size_t, void **) =
+        (Status *(*)(void *, size_t, const int64_t *, size_t, void **))api[CONTEXT_OUTPUT];
+    output(context, 0, qd, qn, &out[0]);
+    output(context, 1, kd, kn, &out[1]);
+    output(context, 2, kd, kn, &out[2]);
+    float *kc = data_of(out[1]), *vc = data_of(out[2]);
+    const float *past_k = data_of(in[3]), *past_v = data_of(in[4]);
+    size_t kv_bytes = (size_t)rows * kvh * max_len * 64 * sizeof(float);
+    if (kc != past_k) memcpy(kc, past_k, kv_bytes);
+    if (vc != past_v) memcpy(vc, past_v, kv_bytes);
+    size_t need = (size_t)rows * qh * max_len;
+    if (need > kernel->work_len) {
+        free(kernel->work);
+        kernel->work = malloc(need * sizeof(float));
+        kernel->work_len = need;
+    }
+    int64_t *lengths = malloc(rows * sizeof(int64_t));
+    const int32_t *seqlens = data_of(in[5]);
+    for (int r = 0; r < rows; r++) lengths[r] = seqlens[r];
+    attend(data_of(in[0]), data_of(in[1]), data_of(in[2]), kc, vc, lengths, data_of(out[0]),
+           rows, qh, kvh, 64, max_len, kernel->work);
+    free(lengths);
+}
+
+static void *create_kernel(const OpTable *op, const void *a, const void *info) {
+    (void)op; (void)a; (void)info;
+    return calloc(1, sizeof(Kernel));
+}
+static void destroy(void *kernel) { free(((Kernel *)kernel)->work); free(kernel); }
+static const char *name(const OpTable *op) { (void)op; return "DecodeAttention"; }
+static const char *provider(const OpTable *op) { (void)op; return 0; }   /* the CPU */
+static int input_type(const OpTable *op, size_t i) { (void)op; return i == 5 ? 6 : 1; }   /* int32 : float */
+static size_t input_count(const OpTable *op) { (void)op; return 6; }
+static int output_type(const OpTable *op, size_t i) { (void)op; (void)i; return 1; }
+static size_t output_count(const OpTable *op) { (void)op; return 3; }
+static int required(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
+static int memory_default(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
+
+static OpTable decode_attention = {API_VERSION, create_kernel, name, provider, input_type, input_count,
+                                   output_type, output_count, compute, destroy, required, required,
+                                   memory_default};
+
+Status *RegisterCustomOps(void *options, const ApiBase *base) {
+    api = (ApiTable)base->get_api(API_VERSION);
+    void *domain;
+    Status *s = ((Status *(*)(const char *, void **))api[CREATE_DOMAIN])("llm.kernels", &domain);
+    if (!s) s = ((Status *(*)(void *, const void *))api[DOMAIN_ADD])(domain, &decode_attention);
+    if (!s) s = ((Status *(*)(void *, void *))api[ADD_DOMAIN])(options, domain);
+    return s;
+}
 """
 
 
@@ -122,6 +239,7 @@ def build_kernel(tmp: Path):
                          f"{getattr(err, 'stderr', '') or err}")
     fn = ctypes.CDLL(str(lib)).attend
     fn.restype = None
+    fn.library = str(lib)   # the same library registers the custom op (`op_session`)
     return fn
 
 
@@ -154,6 +272,48 @@ def gqa_session(rows: int, max_len: int, threads: int):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+def op_session(library: str, rows: int, max_len: int):
+    """A session of one DecodeAttention node, the C kernel as an onnxruntime custom op
+    (one onnxruntime thread: the kernel runs its own OpenMP threads)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    f, i32 = TensorProto.FLOAT, TensorProto.INT32
+    node = helper.make_node("DecodeAttention", ["query", "key", "value", "past_key", "past_value", "seqlens_k"],
+                            ["output", "present_key", "present_value"], domain="llm.kernels")
+    kv = [rows, KV_HEADS, max_len, HEAD]
+    graph = helper.make_graph(
+        [node], "decode_attention",
+        [helper.make_tensor_value_info("query", f, [rows, 1, Q_HEADS * HEAD]),
+         helper.make_tensor_value_info("key", f, [rows, 1, KV_HEADS * HEAD]),
+         helper.make_tensor_value_info("value", f, [rows, 1, KV_HEADS * HEAD]),
+         helper.make_tensor_value_info("past_key", f, kv), helper.make_tensor_value_info("past_value", f, kv),
+         helper.make_tensor_value_info("seqlens_k", i32, [rows])],
+        [helper.make_tensor_value_info("output", f, [rows, 1, Q_HEADS * HEAD]),
+         helper.make_tensor_value_info("present_key", f, kv),
+         helper.make_tensor_value_info("present_value", f, kv)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                     helper.make_opsetid("llm.kernels", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.register_custom_ops_library(library)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def bind(sess, feeds: dict, caches: list, out: np.ndarray):
+    """One IOBinding of an attention node: the KV buffers bound as past and present, as
+    the engine binds GroupQueryAttention's."""
+    b = sess.io_binding()
+    for name, arr in feeds.items():
+        b.bind_cpu_input(name, arr)
+    kc, vc = caches
+    for past, present, arr in (("past_key", "present_key", kc), ("past_value", "present_value", vc)):
+        b.bind_input(past, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+        b.bind_output(present, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+    b.bind_output("output", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+    return b
+
+
 def compare(attend, rows: int, context: int, rounds: int, threads: int, seed: int = 0) -> dict:
     """One row count: both kernels on the same buffers, checked to agree, then timed in
     turns (`rounds` of 20 steps each); their median step times."""
@@ -162,7 +322,7 @@ def compare(attend, rows: int, context: int, rounds: int, threads: int, seed: in
     shape = (rows, KV_HEADS, max_len, HEAD)
     # one KV buffer pair per layer, as the engine keeps them; each kernel its own copy
     caches = {name: [[np.zeros(shape, np.float32) for _ in range(2)] for _ in range(LAYERS)]
-              for name in ("ort", "c")}
+              for name in ("ort", "c", "op")}
     for layer in range(LAYERS):
         k, v = rng.standard_normal((2, *shape[:2], context, HEAD), dtype=np.float32)
         for name in caches:
@@ -171,22 +331,16 @@ def compare(attend, rows: int, context: int, rounds: int, threads: int, seed: in
     q = rng.standard_normal((rows, 1, Q_HEADS * HEAD), dtype=np.float32)
     k_new, v_new = rng.standard_normal((2, rows, 1, KV_HEADS * HEAD), dtype=np.float32)
     lengths = np.full(rows, context, np.int64)
+    seqlens = lengths.astype(np.int32)
     sess = gqa_session(rows, max_len, threads)
-    bindings, outs = [], []
-    for layer in range(LAYERS):
-        b = sess.io_binding()
-        out = np.empty((rows, 1, Q_HEADS * HEAD), np.float32)
-        for name, arr in (("query", q), ("key", k_new), ("value", v_new),
-                          ("seqlens_k", lengths.astype(np.int32)),
-                          ("total_len", np.array(context + 1, np.int32))):
-            b.bind_cpu_input(name, arr)
-        kc, vc = caches["ort"][layer]
-        for past, present, arr in (("past_key", "present_key", kc), ("past_value", "present_value", vc)):
-            b.bind_input(past, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
-            b.bind_output(present, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
-        b.bind_output("output", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-        bindings.append(b)
-        outs.append(out)
+    outs = [np.empty((rows, 1, Q_HEADS * HEAD), np.float32) for _ in range(LAYERS)]
+    bindings = [bind(sess, {"query": q, "key": k_new, "value": v_new, "seqlens_k": seqlens,
+                            "total_len": np.array(context + 1, np.int32)}, caches["ort"][layer], outs[layer])
+                for layer in range(LAYERS)]
+    op_sess = op_session(attend.library, rows, max_len)
+    op_outs = [np.empty((rows, 1, Q_HEADS * HEAD), np.float32) for _ in range(LAYERS)]
+    op_bindings = [bind(op_sess, {"query": q, "key": k_new, "value": v_new, "seqlens_k": seqlens},
+                        caches["op"][layer], op_outs[layer]) for layer in range(LAYERS)]
     c_outs = [np.empty((rows, Q_HEADS, HEAD), np.float32) for _ in range(LAYERS)]
     scratch = np.empty(rows * Q_HEADS * max_len, np.float32)
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
@@ -194,6 +348,10 @@ def compare(attend, rows: int, context: int, rounds: int, threads: int, seed: in
     def ort_step():
         for b in bindings:
             sess.run_with_iobinding(b)
+
+    def op_step():
+        for b in op_bindings:
+            op_sess.run_with_iobinding(b)
 
     def c_step():
         for layer in range(LAYERS):
@@ -203,13 +361,16 @@ def compare(attend, rows: int, context: int, rounds: int, threads: int, seed: in
 
     ort_step()
     c_step()
-    diff = max(float(np.abs(o.reshape(rows, Q_HEADS, HEAD) - c).max()) for o, c in zip(outs, c_outs))
-    same_kv = all(np.array_equal(a, b) for la, lb in zip(caches["ort"], caches["c"]) for a, b in zip(la, lb))
+    op_step()
+    diff = max(max(float(np.abs(o.reshape(rows, Q_HEADS, HEAD) - c).max()),
+                   float(np.abs(o - p).max())) for o, c, p in zip(outs, c_outs, op_outs))
+    same_kv = all(np.array_equal(a, b) and np.array_equal(a, c)
+                  for la, lb, lc in zip(caches["ort"], caches["c"], caches["op"]) for a, b, c in zip(la, lb, lc))
     if diff > 1e-5 or not same_kv:
         raise RuntimeError(f"the kernels disagree: max difference {diff}, same KV written: {same_kv}")
-    times = {"onnxruntime": [], "one read": []}
+    times = {"onnxruntime": [], "one read": [], "one read, custom op": []}
     for _ in range(rounds):
-        for name, step in (("onnxruntime", ort_step), ("one read", c_step)):
+        for name, step in (("onnxruntime", ort_step), ("one read", c_step), ("one read, custom op", op_step)):
             for _ in range(20):
                 t = time.perf_counter()
                 step()
@@ -217,6 +378,7 @@ def compare(attend, rows: int, context: int, rounds: int, threads: int, seed: in
     row = {"rows": rows, "context": context, "max_difference": diff,
            **{f"{k}_ms": round(float(np.median(v)) * 1e3, 3) for k, v in times.items()}}
     row["ratio"] = round(row["one read_ms"] / row["onnxruntime_ms"], 3)
+    row["op_ratio"] = round(row["one read, custom op_ms"] / row["onnxruntime_ms"], 3)
     return row
 
 
@@ -238,16 +400,19 @@ def main(argv: list[str] | None = None) -> int:
             row = compare(attend, rows, args.context, args.rounds, threads)
             report["rows"].append(row)
             print(f"{rows:2d} rows: onnxruntime {row['onnxruntime_ms']:.2f} ms, one read {row['one read_ms']:.2f} ms "
-                  f"({row['ratio']:.2f}x) a step of 30 layers", flush=True)
+                  f"({row['ratio']:.2f}x), as a custom op {row['one read, custom op_ms']:.2f} ms "
+                  f"({row['op_ratio']:.2f}x) a step of 30 layers", flush=True)
     lines = [f"# bench.attention_floor {report['date']}", "",
              f"Decode attention of the default model's 30 layers (9 query heads, 3 key-value heads of 64, fp32 KV), "
              f"every row at {args.context} positions, {threads} threads; median of {args.rounds * 20} steps in turns. "
-             "Both write the new key and value and agree within 1e-5. The C kernel is called through ctypes, "
-             "30 calls a step.", "",
-             "| rows | onnxruntime GroupQueryAttention, ms a step | one read per key-value head (C, OpenMP), ms | ratio |",
-             "|---|---|---|---|"]
-    lines += [f"| {r['rows']} | {r['onnxruntime_ms']:.2f} | {r['one read_ms']:.2f} | {r['ratio']:.2f}x |"
-              for r in report["rows"]]
+             "All three write the new key and value and agree within 1e-5. The C kernel is called through "
+             "ctypes, and as an onnxruntime custom op (one node, its KV bound as past and present), 30 calls "
+             "a step.", "",
+             "| rows | onnxruntime GroupQueryAttention, ms a step | one read per key-value head (C, OpenMP), ms "
+             "| ratio | the same as a custom op, ms | ratio |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['rows']} | {r['onnxruntime_ms']:.2f} | {r['one read_ms']:.2f} | {r['ratio']:.2f}x "
+              f"| {r['one read, custom op_ms']:.2f} | {r['op_ratio']:.2f}x |" for r in report["rows"]]
     write_run(OUT, "attention-floor", report, "\n".join(lines) + "\n")
     return 0
 

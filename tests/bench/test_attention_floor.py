@@ -1,5 +1,7 @@
-"""bench.attention_floor's C kernel against onnxruntime's GroupQueryAttention: the same
-outputs and the same keys and values written (compare refuses to time kernels that differ)."""
+"""bench.attention_floor's C kernel, called directly and as an onnxruntime custom op
+(declared without onnxruntime's headers), against onnxruntime's GroupQueryAttention: the
+same outputs and the same keys and values written (compare refuses to time kernels that
+differ)."""
 import ctypes
 import shutil
 from pathlib import Path
@@ -23,7 +25,26 @@ def attend(tmp_path_factory):
 def test_the_one_read_kernel_matches_onnxruntime(attend, rows, context):
     row = af.compare(attend, rows, context, rounds=1, threads=2)
     assert row["max_difference"] <= 1e-5
-    assert row["onnxruntime_ms"] > 0 and row["one read_ms"] > 0
+    assert row["onnxruntime_ms"] > 0 and row["one read_ms"] > 0 and row["one read, custom op_ms"] > 0
+
+
+def test_the_custom_op_copies_the_past_when_present_is_not_bound_onto_it(attend):
+    rows, context, max_len = 2, 7, 12
+    sess = af.op_session(attend.library, rows, max_len)
+    rng = np.random.default_rng(1)
+    past = [np.zeros((rows, af.KV_HEADS, max_len, af.HEAD), np.float32) for _ in range(2)]
+    for p in past:
+        p[:, :, :context] = rng.standard_normal((rows, af.KV_HEADS, context, af.HEAD))
+    q = rng.standard_normal((rows, 1, af.Q_HEADS * af.HEAD)).astype(np.float32)
+    k, v = rng.standard_normal((2, rows, 1, af.KV_HEADS * af.HEAD)).astype(np.float32)
+    out, present_k, present_v = sess.run(None, {"query": q, "key": k, "value": v, "past_key": past[0],
+                                                "past_value": past[1],
+                                                "seqlens_k": np.full(rows, context, np.int32)})
+    assert np.array_equal(present_k[:, :, :context], past[0][:, :, :context])
+    assert np.array_equal(present_k[:, :, context], k.reshape(rows, af.KV_HEADS, af.HEAD))
+    assert np.array_equal(present_v[:, :, context], v.reshape(rows, af.KV_HEADS, af.HEAD))
+    assert not past[0][:, :, context].any()          # the inputs stay as they were
+    assert np.isfinite(out).all()
 
 
 def test_a_kernel_that_reads_the_wrong_head_is_refused(attend):
@@ -31,5 +52,6 @@ def test_a_kernel_that_reads_the_wrong_head_is_refused(attend):
         attend(q, k_new, v_new, kc, vc, lengths, out, rows, qh, kvh, d, max_len, scratch)
         o = np.ctypeslib.as_array(ctypes.cast(out, ctypes.POINTER(ctypes.c_float)), shape=(rows, qh, d))
         o[:, [0, 1]] = o[:, [1, 0]]          # two heads' outputs swapped
+    wrong.library = attend.library       # the custom op stays right: the ctypes path is caught
     with pytest.raises(RuntimeError, match="disagree"):
         af.compare(wrong, 2, 9, rounds=1, threads=2)
