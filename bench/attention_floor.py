@@ -144,66 +144,87 @@ typedef struct OpTable {
     int (*input_memory)(const struct OpTable *, size_t);
 } OpTable;
 
-typedef struct { float *work; size_t work_len; } Kernel;
+enum { RELEASE_STATUS = 93, MAX_RANK = 8 };
 
-static void shape_of(const void *value, int64_t *dims, size_t *n) {
-    void *info;
-    ((Status *(*)(const void *, void **))api[TYPE_AND_SHAPE])(value, &info);
-    ((Status *(*)(const void *, size_t *))api[DIMS_COUNT])(info, n);
-    ((Status *(*)(const void *, int64_t *, size_t))api[DIMS])(info, dims, *n);
+/* 0 when `status` is success; otherwise releases it and returns 1 */
+static int failed(Status *status) {
+    if (!status) return 0;
+    ((void (*)(Status *))api[RELEASE_STATUS])(status);
+    return 1;
+}
+
+static int shape_of(const void *value, int64_t *dims, size_t *n) {
+    void *info = 0;
+    if (failed(((Status *(*)(const void *, void **))api[TYPE_AND_SHAPE])(value, &info))) return 1;
+    int bad = failed(((Status *(*)(const void *, size_t *))api[DIMS_COUNT])(info, n)) || *n > MAX_RANK ||
+              failed(((Status *(*)(const void *, int64_t *, size_t))api[DIMS])(info, dims, *n));
     ((void (*)(void *))api[RELEASE_TYPE_AND_SHAPE])(info);
+    return bad;
 }
 
 static void *data_of(const void *value) {
-    void *p;
-    ((Status *(*)(const void *, void **))api[TENSOR_DATA])(value, &p);
-    return p;
+    void *p = 0;
+    return failed(((Status *(*)(const void *, void **))api[TENSOR_DATA])(value, &p)) ? 0 : p;
 }
 
 /* inputs: query [rows, 1, 9*64], key and value [rows, 1, 3*64], past_key and past_value
    [rows, 3, max_len, 64], seqlens_k int32 [rows] (positions cached before this token);
    outputs: output [rows, 1, 9*64], present_key and present_value (bound onto the past
-   buffers, as the engine binds GroupQueryAttention's; copied into them otherwise) */
-static void compute(void *kernel_, void *context) {
-    Kernel *kernel = kernel_;
-    const void *in[6];
-    for (int i = 0; i < 6; i++)
-        ((Status *(*)(const void *, size_t, const void **))api[CONTEXT_INPUT])(context, i, &in[i]);
-    int64_t qd[8], kd[8];
-    size_t qn, kn;
-    shape_of(in[0], qd, &qn);
-    shape_of(in[3], kd, &kn);
-    int rows = (int)qd[0], qh = (int)(qd[2] / 64), kvh = (int)kd[1], max_len = (int)kd[2];
-    void *out[3];
+   buffers, as the engine binds GroupQueryAttention's; copied into them otherwise).
+   At API version 13 a kernel cannot return an error: inputs it cannot take (shapes,
+   a position outside the buffer, a failed call) leave the KV untouched and the output
+   NaN, which no caller can mistake for attention. */
+static void compute(void *kernel, void *context) {
+    (void)kernel;
+    const void *in[6] = {0};
+    int64_t qd[MAX_RANK], kd[MAX_RANK], vd[MAX_RANK], nd[MAX_RANK], sd[MAX_RANK];
+    size_t qn = 0, kn = 0, vn = 0, nn = 0, sn = 0;
+    void *out[3] = {0};
+    Status *(*input)(const void *, size_t, const void **) =
+        (Status *(*)(const void *, size_t, const void **))api[CONTEXT_INPUT];
     Status *(*output)(void *, size_t, const int64_t *, size_t, void **) =
         (Status *(*)(void *, size_t, const int64_t *, size_t, void **))api[CONTEXT_OUTPUT];
-    output(context, 0, qd, qn, &out[0]);
-    output(context, 1, kd, kn, &out[1]);
-    output(context, 2, kd, kn, &out[2]);
-    float *kc = data_of(out[1]), *vc = data_of(out[2]);
-    const float *past_k = data_of(in[3]), *past_v = data_of(in[4]);
-    size_t kv_bytes = (size_t)rows * kvh * max_len * 64 * sizeof(float);
-    if (kc != past_k) memcpy(kc, past_k, kv_bytes);
-    if (vc != past_v) memcpy(vc, past_v, kv_bytes);
-    size_t need = (size_t)rows * qh * max_len;
-    if (need > kernel->work_len) {
-        free(kernel->work);
-        kernel->work = malloc(need * sizeof(float));
-        kernel->work_len = need;
+    for (int i = 0; i < 6; i++)
+        if (failed(input(context, i, &in[i])) || !in[i]) return;
+    if (shape_of(in[0], qd, &qn) || qn != 3 || failed(output(context, 0, qd, qn, &out[0]))) return;
+    float *o = data_of(out[0]);
+    if (!o) return;
+    size_t out_len = (size_t)qd[0] * qd[1] * qd[2];
+    int ok = !shape_of(in[3], kd, &kn) && kn == 4 && !shape_of(in[4], vd, &vn) && vn == 4 &&
+             !shape_of(in[1], nd, &nn) && nn == 3 && !shape_of(in[5], sd, &sn) && sn == 1;
+    int rows = (int)qd[0], kvh = ok ? (int)kd[1] : 0, max_len = ok ? (int)kd[2] : 0;
+    ok = ok && qd[1] == 1 && kd[0] == rows && kd[3] == 64 && qd[2] == (int64_t)kvh * 3 * 64 &&
+         memcmp(kd, vd, sizeof(int64_t) * 4) == 0 && nd[0] == rows && nd[1] == 1 && nd[2] == kvh * 64 &&
+         sd[0] == rows;
+    const int32_t *seqlens = ok ? data_of(in[5]) : 0;
+    for (int r = 0; ok && r < rows; r++) ok = seqlens && seqlens[r] >= 0 && seqlens[r] < max_len;
+    ok = ok && !failed(output(context, 1, kd, kn, &out[1])) && !failed(output(context, 2, kd, kn, &out[2]));
+    float *kc = ok ? data_of(out[1]) : 0, *vc = ok ? data_of(out[2]) : 0;
+    const float *past_k = ok ? data_of(in[3]) : 0, *past_v = ok ? data_of(in[4]) : 0;
+    float *work = ok ? malloc((size_t)rows * kvh * 3 * max_len * sizeof(float)) : 0;
+    int64_t *lengths = ok ? malloc(rows * sizeof(int64_t)) : 0;
+    if (!kc || !vc || !past_k || !past_v || !work || !lengths) {
+        for (size_t i = 0; i < out_len; i++) o[i] = NAN;
+        free(work);
+        free(lengths);
+        return;
     }
-    int64_t *lengths = malloc(rows * sizeof(int64_t));
-    const int32_t *seqlens = data_of(in[5]);
+    size_t kv_bytes = (size_t)rows * kvh * max_len * 64 * sizeof(float);
+    if (kc != past_k) memmove(kc, past_k, kv_bytes);
+    if (vc != past_v) memmove(vc, past_v, kv_bytes);
     for (int r = 0; r < rows; r++) lengths[r] = seqlens[r];
-    attend(data_of(in[0]), data_of(in[1]), data_of(in[2]), kc, vc, lengths, data_of(out[0]),
-           rows, qh, kvh, 64, max_len, kernel->work);
+    attend(data_of(in[0]), data_of(in[1]), data_of(in[2]), kc, vc, lengths, o,
+           rows, kvh * 3, kvh, 64, max_len, work);
+    free(work);
     free(lengths);
 }
 
+static int kernel_instance;   /* the op keeps no state: every kernel is this one */
 static void *create_kernel(const OpTable *op, const void *a, const void *info) {
     (void)op; (void)a; (void)info;
-    return calloc(1, sizeof(Kernel));
+    return &kernel_instance;
 }
-static void destroy(void *kernel) { free(((Kernel *)kernel)->work); free(kernel); }
+static void destroy(void *kernel) { (void)kernel; }
 static const char *name(const OpTable *op) { (void)op; return "DecodeAttention"; }
 static const char *provider(const OpTable *op) { (void)op; return 0; }   /* the CPU */
 static int input_type(const OpTable *op, size_t i) { (void)op; return i == 5 ? 6 : 1; }   /* int32 : float */
@@ -219,7 +240,8 @@ static OpTable decode_attention = {API_VERSION, create_kernel, name, provider, i
 
 Status *RegisterCustomOps(void *options, const ApiBase *base) {
     api = (ApiTable)base->get_api(API_VERSION);
-    void *domain;
+    if (!api) return 0;   /* an onnxruntime older than API version 13: the op stays unknown to it */
+    void *domain = 0;
     Status *s = ((Status *(*)(const char *, void **))api[CREATE_DOMAIN])("llm.kernels", &domain);
     if (!s) s = ((Status *(*)(void *, const void *))api[DOMAIN_ADD])(domain, &decode_attention);
     if (!s) s = ((Status *(*)(void *, void *))api[ADD_DOMAIN])(options, domain);
@@ -229,11 +251,14 @@ Status *RegisterCustomOps(void *options, const ApiBase *base) {
 
 
 def build_kernel(tmp: Path):
-    src, lib = tmp / "attend.c", tmp / "attend.so"
+    src, obj, lib = tmp / "attend.c", tmp / "attend.o", tmp / "attend.so"
     src.write_text(KERNEL)
     try:
-        subprocess.run(["gcc", "-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC",
-                        str(src), "-o", str(lib), "-lm"], check=True, capture_output=True, text=True)
+        # -ffast-math when compiling only: linked with it, gcc adds code that turns on
+        # flush-to-zero for the whole process that loads the library
+        for cmd in (["gcc", "-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-c", str(src), "-o", str(obj)],
+                    ["gcc", "-shared", "-fopenmp", str(obj), "-o", str(lib), "-lm"]):
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError) as err:   # no gcc, or no AVX-512 here
         raise SystemExit(f"the C kernel does not build here (it needs gcc and AVX-512): "
                          f"{getattr(err, 'stderr', '') or err}")
@@ -304,6 +329,7 @@ def bind(sess, feeds: dict, caches: list, out: np.ndarray):
     """One IOBinding of an attention node: the KV buffers bound as past and present, as
     the engine binds GroupQueryAttention's."""
     b = sess.io_binding()
+    b.feeds = feeds          # a bound CPU input is read from the array's memory: keep it alive
     for name, arr in feeds.items():
         b.bind_cpu_input(name, arr)
     kc, vc = caches
@@ -338,10 +364,10 @@ def compare(attend, rows: int, context: int, rounds: int, threads: int, seed: in
                             "total_len": np.array(context + 1, np.int32)}, caches["ort"][layer], outs[layer])
                 for layer in range(LAYERS)]
     op_sess = op_session(attend.library, rows, max_len)
-    op_outs = [np.empty((rows, 1, Q_HEADS * HEAD), np.float32) for _ in range(LAYERS)]
+    op_outs = [np.full((rows, 1, Q_HEADS * HEAD), np.nan, np.float32) for _ in range(LAYERS)]
     op_bindings = [bind(op_sess, {"query": q, "key": k_new, "value": v_new, "seqlens_k": seqlens},
                         caches["op"][layer], op_outs[layer]) for layer in range(LAYERS)]
-    c_outs = [np.empty((rows, Q_HEADS, HEAD), np.float32) for _ in range(LAYERS)]
+    c_outs = [np.full((rows, Q_HEADS, HEAD), np.nan, np.float32) for _ in range(LAYERS)]
     scratch = np.empty(rows * Q_HEADS * max_len, np.float32)
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
 

@@ -3,6 +3,7 @@
 same outputs and the same keys and values written (compare refuses to time kernels that
 differ)."""
 import ctypes
+import subprocess
 import shutil
 from pathlib import Path
 
@@ -28,23 +29,41 @@ def test_the_one_read_kernel_matches_onnxruntime(attend, rows, context):
     assert row["onnxruntime_ms"] > 0 and row["one read_ms"] > 0 and row["one read, custom op_ms"] > 0
 
 
-def test_the_custom_op_copies_the_past_when_present_is_not_bound_onto_it(attend):
-    rows, context, max_len = 2, 7, 12
-    sess = af.op_session(attend.library, rows, max_len)
-    rng = np.random.default_rng(1)
+def _inputs(rows, context, max_len, seed=1):
+    rng = np.random.default_rng(seed)
     past = [np.zeros((rows, af.KV_HEADS, max_len, af.HEAD), np.float32) for _ in range(2)]
     for p in past:
         p[:, :, :context] = rng.standard_normal((rows, af.KV_HEADS, context, af.HEAD))
     q = rng.standard_normal((rows, 1, af.Q_HEADS * af.HEAD)).astype(np.float32)
     k, v = rng.standard_normal((2, rows, 1, af.KV_HEADS * af.HEAD)).astype(np.float32)
-    out, present_k, present_v = sess.run(None, {"query": q, "key": k, "value": v, "past_key": past[0],
-                                                "past_value": past[1],
-                                                "seqlens_k": np.full(rows, context, np.int32)})
-    assert np.array_equal(present_k[:, :, :context], past[0][:, :, :context])
-    assert np.array_equal(present_k[:, :, context], k.reshape(rows, af.KV_HEADS, af.HEAD))
-    assert np.array_equal(present_v[:, :, context], v.reshape(rows, af.KV_HEADS, af.HEAD))
-    assert not past[0][:, :, context].any()          # the inputs stay as they were
-    assert np.isfinite(out).all()
+    return {"query": q, "key": k, "value": v, "past_key": past[0], "past_value": past[1],
+            "seqlens_k": np.full(rows, context, np.int32)}
+
+
+def test_the_custom_op_copies_the_past_when_present_is_not_bound_onto_it(attend):
+    rows, context, max_len = 2, 7, 12
+    feeds = _inputs(rows, context, max_len)
+    before = [feeds["past_key"].copy(), feeds["past_value"].copy()]
+    got = af.op_session(attend.library, rows, max_len).run(None, feeds)
+    want = af.gqa_session(rows, max_len, 2).run(None, {**feeds, "total_len": np.array(context + 1, np.int32)})
+    assert np.abs(got[0] - want[0]).max() <= 1e-5
+    assert np.array_equal(got[1], want[1]) and np.array_equal(got[2], want[2])    # past + the new token
+    assert np.array_equal(feeds["past_key"], before[0]) and np.array_equal(feeds["past_value"], before[1])
+
+
+@pytest.mark.parametrize("position", [-1, 12])
+def test_the_custom_op_refuses_a_position_outside_the_buffer(attend, position):
+    rows, context, max_len = 2, 7, 12
+    feeds = _inputs(rows, context, max_len)
+    feeds["seqlens_k"][1] = position
+    before = [feeds["past_key"].copy(), feeds["past_value"].copy()]
+    sess = af.op_session(attend.library, rows, max_len)
+    out = np.zeros((rows, 1, af.Q_HEADS * af.HEAD), np.float32)
+    b = af.bind(sess, {k: feeds[k] for k in ("query", "key", "value", "seqlens_k")},
+                [feeds["past_key"], feeds["past_value"]], out)
+    sess.run_with_iobinding(b)
+    assert np.isnan(out).all()
+    assert np.array_equal(feeds["past_key"], before[0]) and np.array_equal(feeds["past_value"], before[1])
 
 
 def test_a_kernel_that_reads_the_wrong_head_is_refused(attend):
@@ -55,3 +74,10 @@ def test_a_kernel_that_reads_the_wrong_head_is_refused(attend):
     wrong.library = attend.library       # the custom op stays right: the ctypes path is caught
     with pytest.raises(RuntimeError, match="disagree"):
         af.compare(wrong, 2, 9, rounds=1, threads=2)
+
+
+def test_loading_the_library_leaves_the_process_floating_point_mode_alone(attend):
+    # a library linked with -ffast-math sets flush-to-zero for the whole process
+    tiny = np.float32(1e-39)                     # subnormal
+    assert tiny * np.float32(1.0) != 0.0
+    assert "set_fast_math" not in subprocess.run(["nm", attend.library], capture_output=True, text=True).stdout
