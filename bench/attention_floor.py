@@ -268,61 +268,54 @@ def build_kernel(tmp: Path):
     return fn
 
 
-def gqa_session(rows: int, max_len: int, threads: int):
+def attention_session(node, rows: int, max_len: int, threads: int, library: str | None = None):
+    """A session of one attention node over the model's shapes: query, key and value of
+    one token a row, the KV buffers as past and present, positions as seqlens_k, and
+    `total_len` when the node takes it (GroupQueryAttention)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     f, i32 = TensorProto.FLOAT, TensorProto.INT32
+    kv = [rows, KV_HEADS, max_len, HEAD]
+    inputs = [helper.make_tensor_value_info("query", f, [rows, 1, Q_HEADS * HEAD]),
+              helper.make_tensor_value_info("key", f, [rows, 1, KV_HEADS * HEAD]),
+              helper.make_tensor_value_info("value", f, [rows, 1, KV_HEADS * HEAD]),
+              helper.make_tensor_value_info("past_key", f, kv), helper.make_tensor_value_info("past_value", f, kv),
+              helper.make_tensor_value_info("seqlens_k", i32, [rows]),
+              helper.make_tensor_value_info("total_len", i32, [])][:len(node.input)]
+    graph = helper.make_graph(
+        [node], node.op_type, inputs,
+        [helper.make_tensor_value_info("output", f, [rows, 1, Q_HEADS * HEAD]),
+         helper.make_tensor_value_info("present_key", f, kv),
+         helper.make_tensor_value_info("present_value", f, kv)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(node.domain, 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    if library:
+        so.register_custom_ops_library(library)
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def gqa_session(rows: int, max_len: int, threads: int):
+    """onnxruntime's GroupQueryAttention, as the export has it but without rotary."""
+    from onnx import helper
+
     node = helper.make_node("GroupQueryAttention",
                             ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_len"],
                             ["output", "present_key", "present_value"], domain="com.microsoft",
                             num_heads=Q_HEADS, kv_num_heads=KV_HEADS)
-    kv = [rows, KV_HEADS, max_len, HEAD]
-    graph = helper.make_graph(
-        [node], "gqa",
-        [helper.make_tensor_value_info("query", f, [rows, 1, Q_HEADS * HEAD]),
-         helper.make_tensor_value_info("key", f, [rows, 1, KV_HEADS * HEAD]),
-         helper.make_tensor_value_info("value", f, [rows, 1, KV_HEADS * HEAD]),
-         helper.make_tensor_value_info("past_key", f, kv), helper.make_tensor_value_info("past_value", f, kv),
-         helper.make_tensor_value_info("seqlens_k", i32, [rows]),
-         helper.make_tensor_value_info("total_len", i32, [])],
-        [helper.make_tensor_value_info("output", f, [rows, 1, Q_HEADS * HEAD]),
-         helper.make_tensor_value_info("present_key", f, kv),
-         helper.make_tensor_value_info("present_value", f, kv)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                     helper.make_opsetid("com.microsoft", 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return attention_session(node, rows, max_len, threads)
 
 
 def op_session(library: str, rows: int, max_len: int):
     """A session of one DecodeAttention node, the C kernel as an onnxruntime custom op
     (one onnxruntime thread: the kernel runs its own OpenMP threads)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import helper
 
-    f, i32 = TensorProto.FLOAT, TensorProto.INT32
     node = helper.make_node("DecodeAttention", ["query", "key", "value", "past_key", "past_value", "seqlens_k"],
                             ["output", "present_key", "present_value"], domain="llm.kernels")
-    kv = [rows, KV_HEADS, max_len, HEAD]
-    graph = helper.make_graph(
-        [node], "decode_attention",
-        [helper.make_tensor_value_info("query", f, [rows, 1, Q_HEADS * HEAD]),
-         helper.make_tensor_value_info("key", f, [rows, 1, KV_HEADS * HEAD]),
-         helper.make_tensor_value_info("value", f, [rows, 1, KV_HEADS * HEAD]),
-         helper.make_tensor_value_info("past_key", f, kv), helper.make_tensor_value_info("past_value", f, kv),
-         helper.make_tensor_value_info("seqlens_k", i32, [rows])],
-        [helper.make_tensor_value_info("output", f, [rows, 1, Q_HEADS * HEAD]),
-         helper.make_tensor_value_info("present_key", f, kv),
-         helper.make_tensor_value_info("present_value", f, kv)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                     helper.make_opsetid("llm.kernels", 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.register_custom_ops_library(library)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return attention_session(node, rows, max_len, 1, library)
 
 
 def bind(sess, feeds: dict, caches: list, out: np.ndarray):

@@ -27,9 +27,9 @@ from bench.results import write_run
 from bench.serving import MODEL, OUT, ROOT
 
 
-def step_times(dec, rows: int, steps: int) -> list[float]:
+def step_times(dec, rows: int, context: int, steps: int) -> list[float]:
     tokens = np.full(rows, 1000, dtype=np.int64)
-    lengths = np.array([dec.filled] * rows, dtype=np.int64)
+    lengths = np.full(rows, context, dtype=np.int64)
     for _ in range(5):
         dec.decode(tokens, lengths)
     out = []
@@ -80,12 +80,11 @@ def profile(model_dir: Path, rows: int, context: int, steps: int, tmp: Path) -> 
         rng = np.random.default_rng(0)
         for r in range(rows):
             dec.prefill(r, rng.integers(100, 20000, context).tolist(), 0)
-        dec.filled = context
         return dec
 
-    plain = float(np.median(step_times(decoder(False), rows, steps)))
+    plain = float(np.median(step_times(decoder(False), rows, context, steps)))
     dec = decoder(True)
-    profiled = float(np.median(step_times(dec, rows, steps)))
+    profiled = float(np.median(step_times(dec, rows, context, steps)))
     trace = json.loads(Path(dec.session.end_profiling()).read_text())
     # the prefills that filled the rows ran under the profiler too, unless the export has a
     # prefill session of its own (4-bit exports)
