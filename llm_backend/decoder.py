@@ -23,6 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .cpu_ops import DOMAIN as CPU_KERNEL_DOMAIN
+from .cpu_ops import fuse_row_quantize
+from .cpu_ops import library as cpu_library
+
 log = logging.getLogger(__name__)
 
 LAST_INDEX = "llm_last_index"   # the graph input prepare_graph adds: the position whose logits each row returns
@@ -85,7 +89,8 @@ def _head_input(graph) -> tuple[str, object] | None:
     return None
 
 
-def prepare_graph(onnx_path: Path, prefill_variant: bool) -> tuple[bytes | str, bytes | None]:
+def prepare_graph(onnx_path: Path, prefill_variant: bool,
+                  cpu_kernels: bool = False) -> tuple[bytes | str, bytes | None]:
     """(graph for decoding, graph for prefill or None when the same will do).
 
     1. LM head on one position per row only. The builder's graph computes logits for
@@ -98,6 +103,9 @@ def prepare_graph(onnx_path: Path, prefill_variant: bool) -> tuple[bytes | str, 
        prefill copy with accuracy_level 0 (fp32 compute on dequantized blocks): prefill
        is faster with it, single-row decode with int8 activations, so each kind of call
        uses its own session.
+    3. With `cpu_kernels` (CPU only; the caller registers `cpu_ops.library()`), each W8A8
+       activation quantization (four nodes) becomes one `RowQuantize` node of our own
+       that computes the same bytes (`cpu_ops.fuse_row_quantize`).
     Falls back to the file unchanged when the graph does not have the expected shape.
     """
     import onnx
@@ -126,6 +134,11 @@ def prepare_graph(onnx_path: Path, prefill_variant: bool) -> tuple[bytes | str, 
         helper.make_node("Unsqueeze", ["llm_last/row", "llm_last/axis"], [picked], name="llm_last/Position"),
     ]):
         g.node.insert(at + i, node)
+    if cpu_kernels:
+        fused = fuse_row_quantize(g)
+        if fused:
+            model.opset_import.append(helper.make_opsetid(CPU_KERNEL_DOMAIN, 1))
+            log.info("decoder: %d activation quantizations run as one RowQuantize node each", fused)
     decode = model.SerializeToString()
     levels = [a for n in g.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"]
     if not prefill_variant or not any(a.i != 0 for a in levels):
@@ -185,7 +198,8 @@ class Decoder:
 
     def __init__(self, model_dir: Path, onnx_model: str = "model.onnx", *, num_slots: int,
                  max_len: int, device: str = "cpu", intra_op_threads: int = 0,
-                 kv_cache_gpu_fraction: float = 0.5, kv_cache_mb: int = 0, allow_spinning: bool = True):
+                 kv_cache_gpu_fraction: float = 0.5, kv_cache_mb: int = 0, allow_spinning: bool = True,
+                 cpu_kernels: bool = True):
         import onnxruntime as ort
 
         model_dir = Path(model_dir)
@@ -217,7 +231,12 @@ class Decoder:
             # weights of a graph loaded from memory are found relative to this folder
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(onnx_path.resolve().parent))
-            decode_graph, prefill_graph = prepare_graph(onnx_path, prefill_variant=device == "cpu")
+            # our own CPU kernels (cpu_ops/): None where they cannot be built
+            kernels = self.kernel_library = cpu_library() if cpu_kernels and device == "cpu" else None
+            if kernels is not None:
+                so.register_custom_ops_library(str(kernels))
+            decode_graph, prefill_graph = prepare_graph(onnx_path, prefill_variant=device == "cpu",
+                                                        cpu_kernels=kernels is not None)
             self.session = ort.InferenceSession(decode_graph, so, providers=providers)
             if prefill_graph is not None:
                 # large prefill GEMMs ran faster without spinning

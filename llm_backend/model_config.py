@@ -67,6 +67,8 @@ class EngineParams:
                                            # adapter and the client CPU; 1 streams every token (docs/engine.md)
     intra_op_threads: int = 0              # 0 = number of cores
     ort_allow_spinning: int = 1            # 1: onnxruntime workers spin between ops (dedicated cores); 0: shared machine
+    cpu_kernels: int = 1                   # 1: our own CPU kernels (llm_backend/cpu_ops, built with gcc at load)
+                                           # where they build; 0: the graph as exported (same numbers)
     chat_template: str = ""                # the checkpoint's own Jinja chat template
     bos_token: str = ""
     eos_token: str = ""

@@ -1,0 +1,108 @@
+/* RowQuantize (domain llm.kernels): W8A8's per-row activation quantization in one node.
+
+   x float [..., K] -> q uint8 [..., K], m float [..., 1], per row of K:
+       m = max |x|;  q = saturate(round_half_even((x / m) / (1/127)) + 128)
+   exactly what the export's Abs, ReduceMax, Div and QuantizeLinear(1/127, 128) compute,
+   division for division, so the logits are bit for bit the same; one pass over the row
+   instead of four nodes, each with onnxruntime's fixed cost per node. A row of zeros
+   has m = 0: 0/0 gives q = 0 here as in QuantizeLinear, and the product's final x m
+   makes that row's output 0. */
+#include <math.h>
+#include "ort_api.h"
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+static const float INV127 = 1.0f / 127.0f;
+enum { CHUNK_ELEMENTS = 1 << 15 };   /* below 2 chunks' worth a call stays on one thread */
+
+static float absmax(const float *x, int64_t k) {
+    int64_t i = 0;
+    float m = 0.f;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= k; i += 16) acc = _mm512_max_ps(acc, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+    m = _mm512_reduce_max_ps(acc);
+#endif
+    for (; i < k; i++) m = fmaxf(m, fabsf(x[i]));
+    return m;
+}
+
+static void quantize_row(const float *x, uint8_t *q, int64_t k, float m) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    const __m512 vm = _mm512_set1_ps(m), vs = _mm512_set1_ps(INV127);
+    const __m512 lo = _mm512_set1_ps(-128.f), hi = _mm512_set1_ps(127.f);
+    const __m512i zp = _mm512_set1_epi32(128);
+    for (; i + 16 <= k; i += 16) {
+        __m512 t = _mm512_div_ps(_mm512_div_ps(_mm512_loadu_ps(x + i), vm), vs);
+        t = _mm512_min_ps(_mm512_max_ps(t, lo), hi);   /* a NaN (0/0) becomes -128 */
+        __m512i r = _mm512_add_epi32(_mm512_cvtps_epi32(t), zp);   /* rounds half to even */
+        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(r));
+    }
+#endif
+    for (; i < k; i++) {
+        float t = (x[i] / m) / INV127;
+        t = t > -128.f ? t : -128.f;   /* NaN compares false: -128, as above */
+        t = t < 127.f ? t : 127.f;
+        q[i] = (uint8_t)((int)nearbyintf(t) + 128);
+    }
+}
+
+typedef struct { const float *x; uint8_t *q; float *m; int64_t rows, k, chunks; } Work;
+
+static void quantize_rows(void *data, size_t chunk) {
+    const Work *w = data;
+    int64_t first = w->rows * (int64_t)chunk / w->chunks, last = w->rows * ((int64_t)chunk + 1) / w->chunks;
+    for (int64_t r = first; r < last; r++) {
+        w->m[r] = absmax(w->x + r * w->k, w->k);
+        quantize_row(w->x + r * w->k, w->q + r * w->k, w->k, w->m[r]);
+    }
+}
+
+/* At API version 13 a kernel cannot return an error: on inputs it cannot take (a failed
+   call, a rank above 8) it writes m = NaN, which turns the product's rows into NaN rather
+   than into a plausible wrong answer. */
+static void compute(void *kernel, void *context) {
+    (void)kernel;
+    const void *in = input_of(context, 0);
+    int64_t dims[MAX_RANK];
+    size_t n = 0;
+    if (!in || shape_of(in, dims, &n) || n < 1) return;
+    void *q_out = output_of(context, 0, dims, n);
+    uint8_t *q = q_out ? data_of(q_out) : 0;
+    int64_t k = dims[n - 1], rows = 1;
+    for (size_t i = 0; i + 1 < n; i++) rows *= dims[i];
+    dims[n - 1] = 1;
+    void *m_out = output_of(context, 1, dims, n);
+    float *m = m_out ? data_of(m_out) : 0;
+    const float *x = data_of(in);
+    if (!m) return;
+    if (!q || !x) {
+        for (int64_t r = 0; r < rows; r++) m[r] = NAN;
+        return;
+    }
+    /* a decode step's few rows on this thread; a prefill's many on onnxruntime's threads */
+    int64_t chunks = rows * k / CHUNK_ELEMENTS;
+    Work w = {x, q, m, rows, k, chunks < 1 ? 1 : chunks < rows ? chunks : rows};
+    if (w.chunks == 1 || parallel_for(context, quantize_rows, (size_t)w.chunks, &w))
+        for (int64_t c = 0; c < w.chunks; c++) quantize_rows(&w, (size_t)c);
+}
+
+static int kernel_instance;   /* the op keeps no state: every kernel is this one */
+static void *create_kernel(const OpTable *op, const void *a, const void *info) {
+    (void)op; (void)a; (void)info;
+    return &kernel_instance;
+}
+static void destroy(void *kernel) { (void)kernel; }
+static const char *name(const OpTable *op) { (void)op; return "RowQuantize"; }
+static const char *provider(const OpTable *op) { (void)op; return 0; }   /* the CPU */
+static int input_type(const OpTable *op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
+static size_t input_count(const OpTable *op) { (void)op; return 1; }
+static int output_type(const OpTable *op, size_t i) { (void)op; return i == 0 ? ELEM_UINT8 : ELEM_FLOAT; }
+static size_t output_count(const OpTable *op) { (void)op; return 2; }
+static int required(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
+static int memory_default(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
+
+OpTable row_quantize_op = {API_VERSION, create_kernel, name, provider, input_type, input_count,
+                           output_type, output_count, compute, destroy, required, required, memory_default};
