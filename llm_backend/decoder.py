@@ -24,8 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from .cpu_ops import DOMAIN as CPU_KERNEL_DOMAIN
-from .cpu_ops import fuse_row_quantize
+from .cpu_ops import fuse_row_quantize, use_group_attention
 from .cpu_ops import library as cpu_library
+from .cpu_ops import ops as cpu_library_ops
 
 log = logging.getLogger(__name__)
 
@@ -89,34 +90,17 @@ def _head_input(graph) -> tuple[str, object] | None:
     return None
 
 
-def prepare_graph(onnx_path: Path, prefill_variant: bool,
-                  cpu_kernels: bool = False) -> tuple[bytes | str, bytes | None]:
-    """(graph for decoding, graph for prefill or None when the same will do).
-
-    1. LM head on one position per row only. The builder's graph computes logits for
-       every prompt position, though a prefill needs only the last (for a long prompt a
-       large share of the compute, and a large output). We gather the final norm's
-       output at the position the new input `llm_last_index` names for each row (the
-       last one, or a right-padded row's last real one in a batched prefill) before the
-       head. The graph is edited in memory; the weights stay where they are.
-    2. For 4-bit exports (`MatMulNBits` with accuracy_level 4: int8 activations), a
-       prefill copy with accuracy_level 0 (fp32 compute on dequantized blocks): prefill
-       is faster with it, single-row decode with int8 activations, so each kind of call
-       uses its own session.
-    3. With `cpu_kernels` (CPU only; the caller registers `cpu_ops.library()`), each W8A8
-       activation quantization (four nodes) becomes one `RowQuantize` node of our own
-       that computes the same bytes (`cpu_ops.fuse_row_quantize`).
-    Falls back to the file unchanged when the graph does not have the expected shape.
-    """
+def _pick_last_position(model) -> bool:
+    """prepare_graph's step 1, in place; False (the graph unchanged) where the head's input
+    is not found."""
     import onnx
     from onnx import helper
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
     g = model.graph
     found = _head_input(g)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if found is None or opset < 13:   # Unsqueeze with its axes as an input
-        return str(onnx_path), None
+        return False
     hidden, norm = found
     # hidden [rows, positions, width] -> [rows, 1, width] at llm_last_index[row]
     g.input.append(helper.make_tensor_value_info(LAST_INDEX, onnx.TensorProto.INT64, ["batch_size"]))
@@ -134,11 +118,45 @@ def prepare_graph(onnx_path: Path, prefill_variant: bool,
         helper.make_node("Unsqueeze", ["llm_last/row", "llm_last/axis"], [picked], name="llm_last/Position"),
     ]):
         g.node.insert(at + i, node)
-    if cpu_kernels:
-        fused = fuse_row_quantize(g)
-        if fused:
-            model.opset_import.append(helper.make_opsetid(CPU_KERNEL_DOMAIN, 1))
-            log.info("decoder: %d activation quantizations run as one RowQuantize node each", fused)
+    return True
+
+
+def prepare_graph(onnx_path: Path, prefill_variant: bool,
+                  cpu_kernels: frozenset[str] = frozenset()) -> tuple[bytes | str, bytes | None]:
+    """(graph for decoding, graph for prefill or None when the same will do).
+
+    1. LM head on one position per row only. The builder's graph computes logits for
+       every prompt position, though a prefill needs only the last (for a long prompt a
+       large share of the compute, and a large output). We gather the final norm's
+       output at the position the new input `llm_last_index` names for each row (the
+       last one, or a right-padded row's last real one in a batched prefill) before the
+       head. The graph is edited in memory; the weights stay where they are.
+    2. For 4-bit exports (`MatMulNBits` with accuracy_level 4: int8 activations), a
+       prefill copy with accuracy_level 0 (fp32 compute on dequantized blocks): prefill
+       is faster with it, single-row decode with int8 activations, so each kind of call
+       uses its own session.
+    3. With `cpu_kernels`, the ops of our own library that may be used (CPU only; the
+       caller registers `cpu_ops.library()`): each W8A8 activation quantization (four
+       nodes) becomes one `RowQuantize` node that computes the same bytes
+       (`cpu_ops.fuse_row_quantize`), and `GroupQueryAttention` becomes `GroupAttention`,
+       which reads each key-value head's keys and values once for all its query heads
+       (`cpu_ops.use_group_attention`; the same attention within float rounding).
+    Falls back to the file unchanged when none of these applies.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    g = model.graph
+    sliced = _pick_last_position(model)
+    fused = fuse_row_quantize(g) if "RowQuantize" in cpu_kernels else 0
+    attention = use_group_attention(g) if "GroupAttention" in cpu_kernels else 0
+    if fused or attention:
+        model.opset_import.append(helper.make_opsetid(CPU_KERNEL_DOMAIN, 1))
+        log.info("decoder: our CPU kernels: %d RowQuantize nodes (each for four), %d GroupAttention nodes",
+                 fused, attention)
+    elif not sliced:
+        return str(onnx_path), None
     decode = model.SerializeToString()
     levels = [a for n in g.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"]
     if not prefill_variant or not any(a.i != 0 for a in levels):
@@ -235,8 +253,9 @@ class Decoder:
             kernels = self.kernel_library = cpu_library() if cpu_kernels and device == "cpu" else None
             if kernels is not None:
                 so.register_custom_ops_library(str(kernels))
-            decode_graph, prefill_graph = prepare_graph(onnx_path, prefill_variant=device == "cpu",
-                                                        cpu_kernels=kernels is not None)
+            decode_graph, prefill_graph = prepare_graph(
+                onnx_path, prefill_variant=device == "cpu",
+                cpu_kernels=frozenset(cpu_library_ops(kernels)) if kernels is not None else frozenset())
             self.session = ort.InferenceSession(decode_graph, so, providers=providers)
             if prefill_graph is not None:
                 # large prefill GEMMs ran faster without spinning
@@ -272,7 +291,7 @@ class Decoder:
         # preallocated buffer, bound once: fetching them through get_outputs() wrapped all
         # 61 outputs in Python objects every step.
         self._logits_out = None
-        if device == "cpu" and not isinstance(decode_graph, str) and logits.type == "tensor(float)":
+        if device == "cpu" and LAST_INDEX in names and logits.type == "tensor(float)":
             self._logits_out = np.empty((num_slots, 1, sp.vocab_size), dtype=np.float32)
         # Logits of one position per row (prepare_graph): several prompts can then be
         # prefilled in one call, right-padded to the longest (`prefill_batch`). Not with

@@ -21,8 +21,11 @@ log = logging.getLogger("llm_backend")
 
 DOMAIN = "llm.kernels"
 SOURCES = Path(__file__).parent
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-Wall", "-fPIC", "-shared", "-fvisibility=hidden"]
-
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-Wall", "-fPIC", "-fvisibility=hidden"]
+# Per source, on top of FLAGS. -ffast-math is for compiling only: linked with it, gcc adds
+# code that turns on flush-to-zero for the whole process. RowQuantize must not have it
+# (it divides exactly as onnxruntime does).
+SOURCE_FLAGS = {"group_attention.c": ["-ffast-math"]}
 
 def _cpu_model() -> str:
     try:
@@ -62,19 +65,34 @@ def library() -> Path | None:
         return _built[key]
     lib = _cache_dir() / f"llm-kernels-{key}.so"
     if not lib.is_file():
-        tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
         try:
-            subprocess.run(["gcc", *FLAGS, *map(str, sources), "-o", str(tmp), "-lm"],
-                           check=True, capture_output=True, text=True, timeout=120)
-            os.replace(tmp, lib)   # atomic: a concurrent load sees the whole file or none
+            with tempfile.TemporaryDirectory(dir=lib.parent, prefix=".build-") as tmp:
+                objects = []
+                for src in sources:
+                    obj = Path(tmp) / f"{src.stem}.o"
+                    subprocess.run(["gcc", *FLAGS, *SOURCE_FLAGS.get(src.name, []), "-c", str(src), "-o", str(obj)],
+                                   check=True, capture_output=True, text=True, timeout=120)
+                    objects.append(str(obj))
+                built = Path(tmp) / lib.name
+                subprocess.run(["gcc", "-shared", *objects, "-o", str(built), "-lm"],
+                               check=True, capture_output=True, text=True, timeout=120)
+                os.replace(built, lib)   # atomic: a concurrent load sees the whole file or none
         except (OSError, subprocess.SubprocessError) as err:
             detail = getattr(err, "stderr", "") or err
             log.warning("cpu kernels: cannot build %s (%s); serving the graph as exported", lib.name, detail)
-            tmp.unlink(missing_ok=True)
             _built[key] = None
             return None
     _built[key] = lib
     return lib
+
+
+def ops(lib: Path) -> set[str]:
+    """The ops the library registers on this CPU (GroupAttention needs AVX-512)."""
+    import ctypes
+
+    fn = ctypes.CDLL(str(lib)).llm_kernel_ops
+    fn.restype = ctypes.c_char_p
+    return set(filter(None, fn().decode().split(",")))
 
 
 def fuse_row_quantize(graph) -> int:
@@ -132,3 +150,40 @@ def fuse_row_quantize(graph) -> int:
     for t in unread:
         graph.initializer.remove(t)
     return len(replace)
+
+
+# GroupQueryAttention's attributes GroupAttention computes the same way (value: the ones it takes)
+_GQA_ATTRIBUTES = {"num_heads": None, "kv_num_heads": None, "scale": None, "do_rotary": {1},
+                   "rotary_interleaved": {0}, "local_window_size": {-1}, "softcap": {0.0},
+                   "smooth_softmax": {0}, "qk_output": {0}}
+
+
+def use_group_attention(graph, head_size: int = 64, max_group: int = 4) -> int:
+    """Replace each GroupQueryAttention node that GroupAttention computes the same way
+    (packed QKV, rotary on q and k by half-rotation, fp32 KV, no window, softcap, bias or
+    sinks; heads of 64, at most 4 query heads per key-value head) by a GroupAttention
+    node; returns how many were replaced. Others are left alone."""
+    from onnx import TensorProto, helper
+
+    float_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT}
+    cos_dims = {t.name: list(t.dims) for t in graph.initializer}
+    replaced = 0
+    for i, node in enumerate(graph.node):
+        if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        ins = list(node.input) + [""] * (12 - len(node.input))
+        heads, kv_heads = attrs.get("num_heads", 0), attrs.get("kv_num_heads", 0)
+        if (any(k not in _GQA_ATTRIBUTES or (_GQA_ATTRIBUTES[k] is not None and v not in _GQA_ATTRIBUTES[k])
+                for k, v in attrs.items())
+                or attrs.get("do_rotary") != 1 or ins[1] or ins[2] or any(ins[9:])
+                or not (ins[3] in float_inputs and ins[4] in float_inputs)
+                or cos_dims.get(ins[7], [0, 0])[1] * 2 != head_size or cos_dims.get(ins[8]) != cos_dims.get(ins[7])
+                or not kv_heads or heads % kv_heads or heads // kv_heads > max_group):
+            continue
+        node_attrs = {"scale": float(attrs["scale"])} if attrs.get("scale") else {}
+        graph.node[i].CopyFrom(helper.make_node(
+            "GroupAttention", [ins[0], ins[3], ins[4], ins[5], ins[6], ins[7], ins[8]], list(node.output),
+            domain=DOMAIN, name=f"{node.name}/GroupAttention", **node_attrs))
+        replaced += 1
+    return replaced

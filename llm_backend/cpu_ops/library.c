@@ -1,11 +1,36 @@
-/* The library onnxruntime loads: registers the ops of the domain llm.kernels. */
+/* The library onnxruntime loads: registers the ops of the domain llm.kernels that this
+   CPU can run, and names them for the engine (llm_kernel_ops). */
+#include <string.h>
 #include "ort_api.h"
 
 ApiTable api;
 int api_has_parallel_for;
-extern OpTable row_quantize_op;
+extern OpTable *const row_quantize_op, *const group_attention_op;   /* 0 where not built */
 
-__attribute__((visibility("default"))) Status *RegisterCustomOps(void *options, const ApiBase *base) {
-    OpTable *const ops[] = {&row_quantize_op};
-    return register_ops(options, base, "llm.kernels", ops, sizeof ops / sizeof ops[0]);
+#define EXPORT __attribute__((visibility("default")))
+
+static size_t available(OpTable **ops) {
+    size_t n = 0;
+    if (row_quantize_op) ops[n++] = row_quantize_op;
+    if (group_attention_op) ops[n++] = group_attention_op;
+    return n;
+}
+
+/* the names of the ops registered, comma-separated */
+EXPORT const char *llm_kernel_ops(void) {
+    static char names[256];
+    OpTable *ops[8];
+    size_t n = available(ops);
+    names[0] = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (i) strcat(names, ",");
+        strcat(names, ops[i]->name(ops[i]));
+    }
+    return names;
+}
+
+EXPORT Status *RegisterCustomOps(void *options, const ApiBase *base) {
+    OpTable *ops[8];
+    size_t n = available(ops);
+    return register_ops(options, base, "llm.kernels", ops, n);
 }

@@ -104,5 +104,6 @@ static size_t output_count(const OpTable *op) { (void)op; return 2; }
 static int required(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
 static int memory_default(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
 
-OpTable row_quantize_op = {API_VERSION, create_kernel, name, provider, input_type, input_count,
+static OpTable op = {API_VERSION, create_kernel, name, provider, input_type, input_count,
                            output_type, output_count, compute, destroy, required, required, memory_default};
+OpTable *const row_quantize_op = &op;

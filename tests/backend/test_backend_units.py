@@ -401,6 +401,7 @@ def test_logits_of_any_shape_through_a_kept_binding(tmp_path, monkeypatch):
     sliced = decoder.Decoder(version, num_slots=1, max_len=64, intra_op_threads=2)
     monkeypatch.setattr(decoder, "_head_input", lambda graph: None)
     whole = decoder.Decoder(version, num_slots=1, max_len=64, intra_op_threads=2)
+    assert whole._logits_out is None and sliced._logits_out is not None
     for n in (5, 9, 3):
         prompt = list(range(2000, 2000 + n))
         assert np.allclose(whole.prefill(0, prompt, 0), sliced.prefill(0, prompt, 0), atol=1e-4)

@@ -124,6 +124,16 @@ def test_a_w8a8_graph_gives_the_same_output_with_the_kernels(library):
     assert np.array_equal(got, want) and np.abs(want).max() > 0
 
 
+def test_loading_the_library_leaves_the_process_floating_point_mode_alone(library):
+    """GroupAttention is compiled with -ffast-math; linked with it, gcc adds code that
+    turns on flush-to-zero for the whole process that loads the library."""
+    import subprocess
+
+    assert "set_fast_math" not in subprocess.run(["nm", library], capture_output=True, text=True).stdout
+    _session(_quantize_chain(16), library)            # loaded into this process
+    assert np.float32(1e-39) * np.float32(1.0) != 0.0   # a subnormal survives
+
+
 def test_without_gcc_the_library_is_none_and_says_why(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("PATH", str(tmp_path))          # no gcc on it
     monkeypatch.setenv("LLM_KERNEL_CACHE", str(tmp_path / "cache"))
@@ -145,32 +155,153 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_engine_decodes_the_default_export_bit_for_bit_with_the_kernels(tmp_path, monkeypatch, library):
-    """The Decoder the backend serves with: with the kernels, 121 quantizations are one
-    node each and the logits of prefills and batched decode steps are the exported
-    graph's exactly; without gcc it loads the exported graph."""
+def test_the_engine_serves_the_default_export_with_the_kernels(tmp_path, monkeypatch, library):
+    """The Decoder the backend serves with. W8A8: each of the 121 quantizations is one
+    node, each attention a GroupAttention, and with RowQuantize alone the logits are the
+    exported graph's bit for bit. fp32: GroupAttention gives the exported graph's logits
+    within float rounding. Without gcc the exported graph is loaded."""
     import onnx
 
+    from llm_backend import decoder
     from llm_backend.decoder import Decoder, int8_gemm_is_exact, prepare_graph
     from stack.default_model import ensure_default_model
 
     if not int8_gemm_is_exact():
         pytest.skip("no VNNI: the engine refuses W8A8 exports here")
     version = ensure_default_model(tmp_path / "repo", precision="w8a8") / "1"
-    graph, _ = prepare_graph(version / "model.onnx", prefill_variant=True, cpu_kernels=True)
+    graph, _ = prepare_graph(version / "model.onnx", prefill_variant=True,
+                             cpu_kernels=frozenset(cpu_ops.ops(library)))
     ops = [n.op_type for n in onnx.load_from_string(graph).graph.node]
     assert ops.count("RowQuantize") == ops.count("MatMulIntegerToFloat") > 100 and "Abs" not in ops
-    fused = Decoder(version, num_slots=3, max_len=64, intra_op_threads=2)
+    assert ops.count("GroupAttention") == 30 and "GroupQueryAttention" not in ops
     exported = Decoder(version, num_slots=3, max_len=64, intra_op_threads=2, cpu_kernels=False)
-    assert fused.kernel_library is not None and exported.kernel_library is None
+    assert exported.kernel_library is None
     prompts = [list(range(1000 + 5 * i, 1030 + 3 * i)) for i in range(3)]
-    assert np.array_equal(fused.prefill_batch(0, prompts), exported.prefill_batch(0, prompts))
-    lengths = np.array([len(p) for p in prompts])
-    tokens = np.array([42, 7, 9])
-    assert np.array_equal(fused.decode(tokens, lengths), exported.decode(tokens, lengths))
+    lengths, tokens = np.array([len(p) for p in prompts]), np.array([42, 7, 9])
+    monkeypatch.setattr(decoder, "cpu_library_ops", lambda lib: {"RowQuantize"})
+    quantize_only = Decoder(version, num_slots=3, max_len=64, intra_op_threads=2)
+    assert quantize_only.kernel_library is not None
+    assert np.array_equal(quantize_only.prefill_batch(0, prompts), exported.prefill_batch(0, prompts))
+    assert np.array_equal(quantize_only.decode(tokens, lengths), exported.decode(tokens, lengths))
+    monkeypatch.undo()
+
+    fp32 = ensure_default_model(tmp_path / "fp32", precision="fp32") / "1"
+    with_kernels = Decoder(fp32, num_slots=3, max_len=64, intra_op_threads=2)
+    without = Decoder(fp32, num_slots=3, max_len=64, intra_op_threads=2, cpu_kernels=False)
+    for a, b in ((with_kernels.prefill_batch(0, prompts), without.prefill_batch(0, prompts)),
+                 (with_kernels.decode(tokens, lengths), without.decode(tokens, lengths))):
+        assert np.abs(a - b).max() < 1e-3 and (a.argmax(-1) == b.argmax(-1)).all()
+
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("LLM_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(cpu_ops, "_built", {})
-    without = Decoder(version, num_slots=1, max_len=64, intra_op_threads=2)
-    assert without.kernel_library is None
-    assert np.array_equal(without.prefill(0, prompts[0], 0), exported.prefill(0, prompts[0], 0))
+    no_gcc = Decoder(version, num_slots=1, max_len=64, intra_op_threads=2)
+    assert no_gcc.kernel_library is None
+    assert np.array_equal(no_gcc.prefill(0, prompts[0], 0), exported.prefill(0, prompts[0], 0))
+
+H, HKV, D, M, P = 9, 3, 64, 40, 64   # the default model's heads; KV buffers of 40 positions
+
+
+def _attention_graph(fused: bool):
+    """One GroupQueryAttention node as the export has it (packed QKV, rotary), or the
+    GroupAttention that use_group_attention puts in its place."""
+    rng = np.random.default_rng(7)
+    angles = np.arange(P)[:, None] * (10000.0 ** (-np.arange(D // 2) / (D // 2)))[None, :]
+    f, i32 = TensorProto.FLOAT, TensorProto.INT32
+    node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total",
+                                                    "cos_cache", "sin_cache"], ["out", "present_key", "present_value"],
+                            domain="com.microsoft", num_heads=H, kv_num_heads=HKV, scale=0.125, do_rotary=1,
+                            rotary_interleaved=0, local_window_size=-1, softcap=0.0, name="attn")
+    kv = ["B", HKV, M, D]
+    graph = helper.make_graph(
+        [node], "attention",
+        [helper.make_tensor_value_info("qkv", f, ["B", "S", (H + 2 * HKV) * D]),
+         helper.make_tensor_value_info("past_key", f, kv), helper.make_tensor_value_info("past_value", f, kv),
+         helper.make_tensor_value_info("seqlens_k", i32, ["B"]), helper.make_tensor_value_info("total", i32, [])],
+        [helper.make_tensor_value_info("out", f, ["B", "S", H * D]),
+         helper.make_tensor_value_info("present_key", f, kv), helper.make_tensor_value_info("present_value", f, kv)],
+        [numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos_cache"),
+         numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin_cache")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1),
+                                                    helper.make_opsetid(cpu_ops.DOMAIN, 1)])
+    if fused:
+        assert cpu_ops.use_group_attention(model.graph) == 1
+        assert [n.op_type for n in model.graph.node] == ["GroupAttention"]
+    del rng
+    return model
+
+
+def _run_attention(sess, qkv, kc, vc, seqlens, total, shared: bool):
+    """Run one call; with `shared`, present bound onto the past buffers (the engine's
+    way, the KV written in place), otherwise returned as outputs."""
+    feeds = {"qkv": qkv, "past_key": kc, "past_value": vc, "seqlens_k": seqlens, "total": np.array(total, np.int32)}
+    if not shared:
+        return sess.run(None, feeds)
+    b = sess.io_binding()
+    b.bind_output("out", "cpu")                   # first: outputs come back in binding order
+    for name in ("qkv", "seqlens_k", "total"):
+        b.bind_cpu_input(name, feeds[name])
+    for past, present, arr in (("past_key", "present_key", kc), ("past_value", "present_value", vc)):
+        b.bind_input(past, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+        b.bind_output(present, "cpu", 0, np.float32, list(arr.shape), arr.ctypes.data)
+    sess.run_with_iobinding(b)
+    return [b.get_outputs()[0].numpy(), kc, vc]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_group_attention_matches_group_query_attention(library, shared):
+    """Decode steps of rows at different lengths, a right-padded first prompt of three
+    rows, and a prompt's tail after cached positions: the outputs of every real token
+    and the KV of every real position agree with onnxruntime's node."""
+    rng = np.random.default_rng(11)
+    want_s, got_s = _session(_attention_graph(False)), _session(_attention_graph(True), library)
+    width = (H + 2 * HKV) * D
+    kv = [np.zeros((3, HKV, M, D), np.float32) for _ in range(2)]
+    mine = [a.copy() for a in kv]
+
+    def call(qkv, seqlens, total, real):
+        """real[b]: how many of row b's S tokens are real (the rest right padding)."""
+        nonlocal kv, mine
+        seqlens = np.asarray(seqlens, np.int32)
+        want = _run_attention(want_s, qkv, *kv, seqlens, total, shared)
+        got = _run_attention(got_s, qkv, *mine, seqlens, total, shared)
+        if not shared:
+            kv, mine = want[1:], got[1:]
+        for b, n in enumerate(real):
+            assert np.allclose(got[0][b, :n], want[0][b, :n], rtol=1e-4, atol=2e-5), f"row {b} output"
+            end = int(seqlens[b]) + 1
+            for w, g in zip(kv, mine):
+                assert np.allclose(g[b, :, :end], w[b, :, :end], rtol=1e-5, atol=1e-6), f"row {b} KV"
+        assert np.isfinite(got[0]).all()
+
+    lens = [7, 3, 5]                                  # a first prompt, right-padded to 7
+    call(rng.standard_normal((3, 7, width), dtype=np.float32), [n - 1 for n in lens], 7, lens)
+    for _ in range(4):                                # decode steps, rows at different lengths
+        call(rng.standard_normal((3, 1, width), dtype=np.float32), lens, max(lens) + 1, [1, 1, 1])
+        lens = [n + 1 for n in lens]
+    # a tail of 6 tokens after the row's cached positions (prefix-cache hit, chunk), one row
+    one = [a[1:2].copy() for a in kv], [a[1:2].copy() for a in mine]
+    kv, mine = one
+    call(rng.standard_normal((1, 6, width), dtype=np.float32), [lens[1] + 5], lens[1] + 6, [6])
+
+
+def test_group_attention_refuses_a_position_outside_the_buffer(library):
+    sess = _session(_attention_graph(True), library)
+    kc, vc = (np.full((1, HKV, M, D), 3.0, np.float32) for _ in range(2))
+    qkv = np.ones((1, 1, (H + 2 * HKV) * D), np.float32)
+    out = _run_attention(sess, qkv, kc, vc, np.array([M], np.int32), M + 1, shared=True)
+    assert np.isnan(out[0]).all() and (kc == 3.0).all() and (vc == 3.0).all()
+
+
+def test_only_attention_nodes_it_computes_the_same_way_are_replaced():
+    for attr, value in (("softcap", 30.0), ("local_window_size", 16), ("rotary_interleaved", 1), ("do_rotary", 0)):
+        model = _attention_graph(False)
+        node = model.graph.node[0]
+        for a in node.attribute:
+            if a.name == attr:
+                node.attribute.remove(a)
+        node.attribute.append(helper.make_attribute(attr, value))
+        assert cpu_ops.use_group_attention(model.graph) == 0, attr
+    model = _attention_graph(False)
+    model.graph.input[1].type.tensor_type.elem_type = TensorProto.FLOAT16   # fp16 KV (a GPU export)
+    assert cpu_ops.use_group_attention(model.graph) == 0
