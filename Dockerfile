@@ -7,7 +7,8 @@
 #               packages of deploy/requirements/serving-gpu.txt. No model inside: models
 #               live in the model store mounted at /models.
 #   triton-cpu  Triton on the CPU: python:3.11-slim with the tritonserver 2.51 build of the
-#               nvidia-pytriton wheel (what `make serve` runs), serving-cpu.txt.
+#               nvidia-pytriton wheel (what `make serve` runs), serving-cpu.txt, and the
+#               engine's CPU kernels built in the stage cpu-kernels (python:3.11, gcc).
 #   adapter     the OpenAI adapter, llm-admin and llm-deploy; no model code, no CUDA.
 #   export      llm-export on the CPU, and at build time an export of a checkpoint of the
 #               build context (CHECKPOINT=dir) or of the default model into /models;
@@ -19,11 +20,13 @@
 # build, not the pod. tests/deploy runs the same checks on the same lock files.
 #
 # Base images: pass --build-arg TRITON_IMAGE=...@sha256:... / PYTHON_IMAGE=...@sha256:...
+# / PYTHON_BUILD_IMAGE=...@sha256:...
 # to pin them by digest (docs/deploy.md); the machines this was written on reach no
 # container registry, so no digest here was resolved by us.
 
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:26.07-py3
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG PYTHON_BUILD_IMAGE=python:3.11-bookworm
 
 ############################ triton (GPU) ############################
 FROM ${TRITON_IMAGE} AS triton
@@ -56,6 +59,16 @@ HEALTHCHECK --interval=10s --start-period=300s CMD ["python3", "-c", "import url
 ENTRYPOINT ["python3", "/opt/llm/bin/triton_entrypoint.py"]
 CMD ["--exit-timeout-secs=120"]
 
+############################ cpu-kernels ############################
+# The engine's own CPU kernels (llm_backend/cpu_ops), built for each instruction set it
+# can pick from at load (x86-64-v4 with AVX-512, v3, v2): the serving image has no
+# compiler, and the full Python image of the same release has gcc.
+FROM ${PYTHON_BUILD_IMAGE} AS cpu-kernels
+WORKDIR /src
+COPY llm_backend/cpu_ops/ /src/llm_backend/cpu_ops/
+RUN touch /src/llm_backend/__init__.py \
+    && python -m llm_backend.cpu_ops prebuild /opt/llm/kernels
+
 ############################ triton-cpu ############################
 FROM ${PYTHON_IMAGE} AS triton-cpu
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -65,7 +78,8 @@ ENV LLM_HOME=/opt/llm \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HUB_OFFLINE=1 \
-    MODEL_REPOSITORY=/models
+    MODEL_REPOSITORY=/models \
+    LLM_KERNEL_DIR=/opt/llm/kernels
 COPY deploy/requirements/serving-cpu.txt /tmp/serving-cpu.txt
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --no-deps --require-hashes --only-binary=:all: -r /tmp/serving-cpu.txt \
@@ -73,6 +87,7 @@ RUN python -m venv /opt/venv \
     && rm /tmp/serving-cpu.txt \
     && useradd --uid 1000 --create-home triton-server
 COPY llm_backend/ /opt/llm/llm_backend/
+COPY --from=cpu-kernels /opt/llm/kernels/ /opt/llm/kernels/
 COPY deploy/docker/triton_entrypoint.py deploy/docker/check_image.py /opt/llm/bin/
 # The wheel's stub needs the wheel's libraries: the entrypoint puts them on
 # LD_LIBRARY_PATH, and check_image.py runs ldd in exactly that environment.

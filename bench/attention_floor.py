@@ -58,7 +58,7 @@ def attention_model(fused: bool):
          numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin_cache")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1),
                                                     helper.make_opsetid(cpu_ops.DOMAIN, 1)])
-    if fused and cpu_ops.use_group_attention(model.graph) != 1:
+    if fused and cpu_ops.use_group_attention(model.graph, HEAD) != 1:
         raise RuntimeError("the engine's rewrite did not take this attention node")
     return model
 

@@ -121,8 +121,8 @@ def _pick_last_position(model) -> bool:
     return True
 
 
-def prepare_graph(onnx_path: Path, prefill_variant: bool,
-                  cpu_kernels: frozenset[str] = frozenset()) -> tuple[bytes | str, bytes | None]:
+def prepare_graph(onnx_path: Path, prefill_variant: bool, cpu_kernels: frozenset[str] = frozenset(),
+                  head_size: int = 0) -> tuple[bytes | str, bytes | None]:
     """(graph for decoding, graph for prefill or None when the same will do).
 
     1. LM head on one position per row only. The builder's graph computes logits for
@@ -150,7 +150,7 @@ def prepare_graph(onnx_path: Path, prefill_variant: bool,
     g = model.graph
     sliced = _pick_last_position(model)
     fused = fuse_row_quantize(g) if "RowQuantize" in cpu_kernels else 0
-    attention = use_group_attention(g) if "GroupAttention" in cpu_kernels else 0
+    attention = use_group_attention(g, head_size) if "GroupAttention" in cpu_kernels else 0
     if fused or attention:
         model.opset_import.append(helper.make_opsetid(CPU_KERNEL_DOMAIN, 1))
         log.info("decoder: our CPU kernels: %d RowQuantize nodes (each for four), %d GroupAttention nodes",
@@ -226,6 +226,7 @@ class Decoder:
         if not onnx_path.is_file():
             raise ModelLoadError(f"missing ONNX model {onnx_path}")
         self.device = device
+        self.kernel_library = None   # our CPU kernels' library (cpu_ops/), when loaded
         if device == "cpu" and not int8_gemm_is_exact() and "MatMulIntegerToFloat" in graph_op_types(onnx_path):
             raise ModelLoadError(f"{onnx_path} is a W8A8 export, and this CPU has no VNNI (AVX512-VNNI, "
                                  "AVX-VNNI or AMX): onnxruntime's int8 GEMM would saturate and give wrong "
@@ -250,13 +251,18 @@ class Decoder:
             so.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                         str(onnx_path.resolve().parent))
             # our own CPU kernels (cpu_ops/): None where they cannot be built
-            kernels = self.kernel_library = cpu_library() if cpu_kernels and device == "cpu" else None
-            if kernels is not None:
-                so.register_custom_ops_library(str(kernels))
-            decode_graph, prefill_graph = prepare_graph(
-                onnx_path, prefill_variant=device == "cpu",
-                cpu_kernels=frozenset(cpu_library_ops(kernels)) if kernels is not None else frozenset())
-            self.session = ort.InferenceSession(decode_graph, so, providers=providers)
+            kernel_ops = self._load_kernels(so) if cpu_kernels and device == "cpu" else frozenset()
+            decode_graph, prefill_graph = prepare_graph(onnx_path, prefill_variant=device == "cpu",
+                                                        cpu_kernels=kernel_ops, head_size=self.spec.head_size)
+            try:
+                self.session = ort.InferenceSession(decode_graph, so, providers=providers)
+            except Exception as err:  # noqa: BLE001 - our kernels' graph refused: serve it as exported
+                if not kernel_ops:
+                    raise
+                log.warning("cpu kernels: onnxruntime refused the graph with them (%s); serving it as exported", err)
+                self.kernel_library = None
+                decode_graph, prefill_graph = prepare_graph(onnx_path, prefill_variant=True)
+                self.session = ort.InferenceSession(decode_graph, so, providers=providers)
             if prefill_graph is not None:
                 # large prefill GEMMs ran faster without spinning
                 so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -303,6 +309,21 @@ class Decoder:
         log.info("decoder: %s, %d layers, %d slots x %d tokens (%.0f MB KV), %d threads, %s",
                  onnx_path, sp.num_layers, num_slots, max_len,
                  num_slots * self.row_bytes / 2**20, threads, self.session.get_providers()[0])
+
+    def _load_kernels(self, so) -> frozenset[str]:
+        """Register our CPU kernels (cpu_ops/) with the session options; the ops usable,
+        none where the library is missing or does not load (logged)."""
+        self.kernel_library = cpu_library()
+        if self.kernel_library is None:
+            return frozenset()
+        try:
+            ops = frozenset(cpu_library_ops(self.kernel_library))
+            so.register_custom_ops_library(str(self.kernel_library))
+            return ops
+        except Exception as err:  # noqa: BLE001 - ctypes and onnxruntime raise their own types
+            log.warning("cpu kernels: cannot load %s (%s); serving the graph as exported", self.kernel_library, err)
+            self.kernel_library = None
+            return frozenset()
 
     # -- memory ---------------------------------------------------------------------------
     def _gpu_slots(self, wanted: int, fraction: float) -> int:

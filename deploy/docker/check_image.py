@@ -10,7 +10,8 @@ serving: the backend directory as the entrypoint lays it out has the Python back
 stub and our `llm` backend; `ldd` finds every library of the stub in the environment
 tritonserver gives it, and the stub embeds this interpreter's Python; every third-party
 module that llm_backend imports anywhere (lazily too: onnx is imported inside functions)
-imports. --gpu: onnxruntime is the CUDA build, and its CUDA provider, torch and the base
+imports; on the CPU, the engine's own kernels (llm_backend/cpu_ops) load, prebuilt
+in the image (it has no compiler). --gpu: onnxruntime is the CUDA build, and its CUDA provider, torch and the base
 image link one CUDA major, with every library of the provider found by `ldd`.
 
 Exit 1 with one line per problem. Standard library only, apart from what it checks.
@@ -100,6 +101,17 @@ def check_serving(gpu: bool, backends: Path, package_dir: Path) -> list[str]:
             problems.append(f"cannot import {module}: {err}")
     if gpu:
         problems += check_cuda(env)
+    else:
+        try:
+            kernels = importlib.import_module(f"{package_dir.name}.cpu_ops")
+            lib = kernels.library()
+            if lib is None:
+                problems.append("the engine's CPU kernels neither build here nor are prebuilt for this CPU "
+                                "in $LLM_KERNEL_DIR: W8A8 models would be served without them, slower")
+            elif "RowQuantize" not in kernels.ops(lib):
+                problems.append(f"{lib} lacks RowQuantize")
+        except Exception as err:  # noqa: BLE001 - any failure to load them is the finding
+            problems.append(f"the engine's CPU kernels do not load: {err}")
     return problems
 
 

@@ -1,40 +1,54 @@
 """CPU kernels of our own, loaded into onnxruntime as a custom-op library.
 
 `library()` compiles `*.c` here with the machine's gcc (`-O3 -march=native`) into a
-cache, once per source and CPU; `fuse_row_quantize(graph)` rewrites a W8A8 graph to use
-them. Both are optional: without gcc, or where the build fails, the engine serves the
-graph as exported (the same numbers, more nodes), and says why in its log.
+cache, once per source and CPU; where there is no compiler (the CPU image) it takes a
+library built beforehand for an instruction set this CPU has, from `$LLM_KERNEL_DIR`
+(`python -m llm_backend.cpu_ops prebuild DIR`, a stage of the Dockerfile).
+`fuse_row_quantize` and `use_group_attention` rewrite a graph to use them. All of it
+is optional: without a library the engine serves the graph as exported (the same
+numbers for RowQuantize, more nodes), and says why in its log. Standard library only
+at import (the image's build stage has no numpy).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-import platform
 import subprocess
 import tempfile
 from pathlib import Path
-
-import numpy as np
 
 log = logging.getLogger("llm_backend")
 
 DOMAIN = "llm.kernels"
 SOURCES = Path(__file__).parent
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-Wall", "-fPIC", "-fvisibility=hidden"]
+FLAGS = ["-O3", "-fno-math-errno", "-Wall", "-fPIC", "-fvisibility=hidden"]
 # Per source, on top of FLAGS. -ffast-math is for compiling only: linked with it, gcc adds
 # code that turns on flush-to-zero for the whole process. RowQuantize must not have it
 # (it divides exactly as onnxruntime does).
 SOURCE_FLAGS = {"group_attention.c": ["-ffast-math"]}
+# Prebuilt libraries, best first: the instruction set and the CPU flags it needs.
+PREBUILT = {"x86-64-v4": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"},
+            "x86-64-v3": {"avx2", "fma", "bmi2", "movbe"},
+            "x86-64-v2": {"sse4_2", "popcnt"}}
 
-def _cpu_model() -> str:
+
+def _cpu_line(key: str) -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
+            if line.startswith(key):
                 return line
     except OSError:
         pass
-    return platform.processor()
+    return ""
+
+
+def _source_key() -> str:
+    digest = hashlib.sha256()
+    for p in sorted(SOURCES.glob("*.[ch]")):
+        digest.update(p.name.encode() + p.read_bytes())
+    digest.update(repr((FLAGS, SOURCE_FLAGS)).encode())
+    return digest.hexdigest()[:16]
 
 
 def _cache_dir() -> Path:
@@ -46,44 +60,77 @@ def _cache_dir() -> Path:
             return Path(base)
     except OSError:
         pass
-    return Path(tempfile.gettempdir())
+    # a folder of this process's own (a library loaded by a predictable name from a
+    # shared /tmp could be someone else's)
+    return Path(tempfile.mkdtemp(prefix="llm-kernels-"))
+
+
+def build(lib: Path, march: str) -> None:
+    """Compile the sources for `-march=<march>` into `lib`, atomically (a concurrent load
+    sees the whole file or none). Raises OSError / SubprocessError."""
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent, prefix=".build-") as tmp:
+        objects = []
+        for src in sorted(SOURCES.glob("*.c")):
+            obj = Path(tmp) / f"{src.stem}.o"
+            subprocess.run(["gcc", f"-march={march}", *FLAGS, *SOURCE_FLAGS.get(src.name, []), "-c", str(src),
+                            "-o", str(obj)], check=True, capture_output=True, text=True, timeout=120)
+            objects.append(str(obj))
+        built = Path(tmp) / lib.name
+        subprocess.run(["gcc", "-shared", *objects, "-o", str(built), "-lm"],
+                       check=True, capture_output=True, text=True, timeout=120)
+        os.replace(built, lib)
+
+
+def _prebuilt(key: str) -> Path | None:
+    """The best library of $LLM_KERNEL_DIR built from these sources that this CPU runs."""
+    folder = os.environ.get("LLM_KERNEL_DIR")
+    flags = set(_cpu_line("flags").split(":", 1)[-1].split())
+    for march, needs in PREBUILT.items():
+        lib = Path(folder or "/nonexistent") / f"llm-kernels-{key}-{march}.so"
+        if folder and lib.is_file() and needs <= flags:
+            return lib
+    return None
 
 
 _built: dict[str, Path | None] = {}
 
 
 def library() -> Path | None:
-    """The compiled library (built on first use; cached by source, flags and CPU), or None
-    when it cannot be built here (the reason is logged)."""
-    sources = sorted(SOURCES.glob("*.c"))
-    digest = hashlib.sha256()
-    for p in sorted(SOURCES.glob("*.[ch]")):
-        digest.update(p.name.encode() + p.read_bytes())
-    digest.update(" ".join(FLAGS).encode() + _cpu_model().encode())
-    key = digest.hexdigest()[:16]
+    """The library for this CPU (built on first use, cached by source, flags and CPU; or
+    prebuilt, see the module's doc), or None when there is none (the reason is logged)."""
+    source = _source_key()
+    key = hashlib.sha256((source + _cpu_line("model name") + _cpu_line("flags")).encode()).hexdigest()[:16]
     if key in _built:
         return _built[key]
     lib = _cache_dir() / f"llm-kernels-{key}.so"
     if not lib.is_file():
         try:
-            with tempfile.TemporaryDirectory(dir=lib.parent, prefix=".build-") as tmp:
-                objects = []
-                for src in sources:
-                    obj = Path(tmp) / f"{src.stem}.o"
-                    subprocess.run(["gcc", *FLAGS, *SOURCE_FLAGS.get(src.name, []), "-c", str(src), "-o", str(obj)],
-                                   check=True, capture_output=True, text=True, timeout=120)
-                    objects.append(str(obj))
-                built = Path(tmp) / lib.name
-                subprocess.run(["gcc", "-shared", *objects, "-o", str(built), "-lm"],
-                               check=True, capture_output=True, text=True, timeout=120)
-                os.replace(built, lib)   # atomic: a concurrent load sees the whole file or none
+            build(lib, "native")
         except (OSError, subprocess.SubprocessError) as err:
+            prebuilt = _prebuilt(source)
+            if prebuilt is not None:
+                log.info("cpu kernels: no compiler here (%s); using %s", err, prebuilt.name)
+                _built[key] = prebuilt
+                return prebuilt
             detail = getattr(err, "stderr", "") or err
-            log.warning("cpu kernels: cannot build %s (%s); serving the graph as exported", lib.name, detail)
+            log.warning("cpu kernels: cannot build %s (%s) and none is prebuilt for this CPU in "
+                        "$LLM_KERNEL_DIR; serving the graph as exported", lib.name, detail)
             _built[key] = None
             return None
     _built[key] = lib
     return lib
+
+
+def prebuild(folder: Path) -> list[Path]:
+    """Build the library for each instruction set of PREBUILT into `folder` (x86-64 only;
+    an image's build stage)."""
+    out = []
+    for march in PREBUILT:
+        lib = Path(folder) / f"llm-kernels-{_source_key()}-{march}.so"
+        build(lib, march)
+        out.append(lib)
+    return out
 
 
 def ops(lib: Path) -> set[str]:
@@ -101,7 +148,8 @@ def fuse_row_quantize(graph) -> int:
     RowQuantize node with the same two results; returns how many were replaced.
     Chains whose intermediate results are read elsewhere, or whose constants differ,
     are left alone."""
-    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+    from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
     # the scalar and axes constants, stored in the graph (weights stay in their file)
     consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer
@@ -119,6 +167,7 @@ def fuse_row_quantize(graph) -> int:
 
     replace: dict[int, object] = {}
     drop: set[int] = set()
+    constants: set[str] = set()
     for quant in graph.node:
         if quant.op_type != "QuantizeLinear" or len(quant.input) != 3:
             continue
@@ -137,18 +186,21 @@ def fuse_row_quantize(graph) -> int:
             continue
         fused = helper.make_node("RowQuantize", [absn.input[0]], [quant.output[0], rmax.output[0]],
                                  domain=DOMAIN, name=f"{quant.name}/RowQuantize")
-        replace[id(quant)] = fused
-        drop.update({id(absn), id(rmax), id(div)})
+        # in the Abs node's place: readers of m may come before the QuantizeLinear
+        replace[id(absn)] = fused
+        drop.update({id(quant), id(rmax), id(div)})
+        constants.update({rmax.input[1], quant.input[1], quant.input[2]})
     if not replace:
         return 0
     nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
     del graph.node[:]
     graph.node.extend(nodes)
-    # the axes and the 1/127 the removed nodes read, when nothing else does
-    read = {i for n in graph.node for i in n.input}
-    unread = [t for t in graph.initializer if t.name in consts and t.name not in read]
-    for t in unread:
-        graph.initializer.remove(t)
+    # the constants the removed nodes read, when nothing else does (nor a subgraph, an
+    # input or an output of the graph)
+    if not any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        keep = {i for n in graph.node for i in n.input} | {v.name for v in (*graph.input, *graph.output)}
+        for t in [t for t in graph.initializer if t.name in constants - keep]:
+            graph.initializer.remove(t)
     return len(replace)
 
 
@@ -158,11 +210,13 @@ _GQA_ATTRIBUTES = {"num_heads": None, "kv_num_heads": None, "scale": None, "do_r
                    "smooth_softmax": {0}, "qk_output": {0}}
 
 
-def use_group_attention(graph, head_size: int = 64, max_group: int = 4) -> int:
+def use_group_attention(graph, head_size: int, max_group: int = 4) -> int:
     """Replace each GroupQueryAttention node that GroupAttention computes the same way
     (packed QKV, rotary on q and k by half-rotation, fp32 KV, no window, softcap, bias or
-    sinks; heads of 64, at most 4 query heads per key-value head) by a GroupAttention
-    node; returns how many were replaced. Others are left alone."""
+    sinks; rotary over the whole head; heads of 64, at most 4 query heads per key-value
+    head) by a GroupAttention node; returns how many were replaced. `head_size`: the
+    model's (genai_config.json), as the graph's shapes are symbolic. Others are left
+    alone."""
     from onnx import TensorProto, helper
 
     float_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT}
@@ -179,7 +233,7 @@ def use_group_attention(graph, head_size: int = 64, max_group: int = 4) -> int:
                 or attrs.get("do_rotary") != 1 or ins[1] or ins[2] or any(ins[9:])
                 or not (ins[3] in float_inputs and ins[4] in float_inputs)
                 or cos_dims.get(ins[7], [0, 0])[1] * 2 != head_size or cos_dims.get(ins[8]) != cos_dims.get(ins[7])
-                or not kv_heads or heads % kv_heads or heads // kv_heads > max_group):
+                or head_size != 64 or not kv_heads or heads % kv_heads or heads // kv_heads > max_group):
             continue
         node_attrs = {"scale": float(attrs["scale"])} if attrs.get("scale") else {}
         graph.node[i].CopyFrom(helper.make_node(
@@ -187,3 +241,4 @@ def use_group_attention(graph, head_size: int = 64, max_group: int = 4) -> int:
             domain=DOMAIN, name=f"{node.name}/GroupAttention", **node_attrs))
         replaced += 1
     return replaced
+

@@ -146,15 +146,16 @@ static void run(void *context, void (*fn)(void *, size_t), size_t total, void *d
 static void compute(void *kernel, void *context) {
     const Kernel *kern = kernel;
     const void *in[7];
-    int64_t xd[MAX_RANK], kd[MAX_RANK], vd[MAX_RANK], sd[MAX_RANK], cd[MAX_RANK], nd[MAX_RANK];
-    size_t xn = 0, kn = 0, vn = 0, sn = 0, cn = 0, nn = 0;
+    int64_t xd[MAX_RANK], kd[MAX_RANK], vd[MAX_RANK], sd[MAX_RANK], cd[MAX_RANK], nd[MAX_RANK], td[MAX_RANK];
+    size_t xn = 0, kn = 0, vn = 0, sn = 0, cn = 0, nn = 0, tn = 0;
     for (int i = 0; i < 7; i++)
         if (!(in[i] = input_of(context, i))) return;
     if (shape_of(in[0], xd, &xn) || xn != 3) return;
     int64_t out_dims[3] = {xd[0], xd[1], 0};
     int ok = !shape_of(in[1], kd, &kn) && kn == 4 && !shape_of(in[2], vd, &vn) && vn == 4 &&
              !shape_of(in[3], sd, &sn) && sn == 1 && !shape_of(in[5], cd, &cn) && cn == 2 &&
-             !shape_of(in[6], nd, &nn) && nn == 2;
+             !shape_of(in[6], nd, &nn) && nn == 2 &&
+             !shape_of(in[4], td, &tn) && (tn == 0 || (tn == 1 && td[0] == 1));   /* one total length */
     int64_t b = xd[0], s = xd[1], hkv = ok ? kd[1] : 0, m = ok ? kd[2] : 0;
     int64_t h = ok && hkv > 0 ? xd[2] / D - 2 * hkv : 0;
     ok = ok && hkv > 0 && h > 0 && xd[2] == (h + 2 * hkv) * D && h % hkv == 0 && h / hkv <= MAX_GROUP &&

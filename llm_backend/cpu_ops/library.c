@@ -4,7 +4,7 @@
 #include "ort_api.h"
 
 ApiTable api;
-int api_has_parallel_for;
+ApiTable api_with_parallel_for;
 extern OpTable *const row_quantize_op, *const group_attention_op;   /* 0 where not built */
 
 #define EXPORT __attribute__((visibility("default")))

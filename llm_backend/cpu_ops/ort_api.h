@@ -39,7 +39,7 @@ typedef struct OpTable {
 } OpTable;
 
 extern ApiTable api;   /* set by RegisterCustomOps (library.c) */
-extern int api_has_parallel_for;   /* the table reaches KernelContext_ParallelFor (version 17 on) */
+extern ApiTable api_with_parallel_for;   /* the table at version 17, which has KernelContext_ParallelFor; or 0 */
 
 /* 0 when `status` is success; otherwise releases it and returns 1 */
 static inline int failed(Status *status) {
@@ -79,9 +79,9 @@ static inline void *output_of(void *context, size_t i, const int64_t *dims, size
    included), so a kernel's threads are onnxruntime's own and none spin beside them;
    1 when that is not available or failed (the caller then runs the work itself). */
 static inline int parallel_for(void *context, void (*fn)(void *, size_t), size_t total, void *data) {
-    if (!api_has_parallel_for) return 1;
-    return failed(((Status *(*)(const void *, void (*)(void *, size_t), size_t, size_t, void *))api[PARALLEL_FOR])(
-        context, fn, total, 0, data));
+    if (!api_with_parallel_for) return 1;
+    return failed(((Status *(*)(const void *, void (*)(void *, size_t), size_t, size_t, void *))
+                   api_with_parallel_for[PARALLEL_FOR])(context, fn, total, 0, data));
 }
 
 /* Registers `ops` in the domain `domain` with the session options. */
@@ -89,7 +89,7 @@ static inline Status *register_ops(void *options, const ApiBase *base, const cha
                                    OpTable *const *ops, size_t count) {
     api = (ApiTable)base->get_api(API_VERSION);
     if (!api) return 0;   /* an onnxruntime older than API version 13: the ops stay unknown to it */
-    api_has_parallel_for = base->get_api(PARALLEL_FOR_VERSION) != 0;
+    api_with_parallel_for = (ApiTable)base->get_api(PARALLEL_FOR_VERSION);
     void *domain = 0;
     Status *s = ((Status *(*)(const char *, void **))api[CREATE_DOMAIN])(domain_name, &domain);
     for (size_t i = 0; !s && i < count; i++) s = ((Status *(*)(void *, const void *))api[DOMAIN_ADD])(domain, ops[i]);

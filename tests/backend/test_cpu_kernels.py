@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -70,7 +71,7 @@ def test_row_quantize_gives_the_same_bytes_as_the_four_nodes(library, k):
     fused = _quantize_chain(k)
     assert cpu_ops.fuse_row_quantize(fused.graph) == 1
     assert [n.op_type for n in fused.graph.node] == ["RowQuantize"]
-    assert not fused.graph.initializer            # the axes and 1/127 went with their nodes
+    assert not fused.graph.initializer            # the axes, 1/127 and 128 went with their nodes
     x = _hard_rows(k)
     want = _session(exported).run(None, {"x": x})
     got = _session(fused, library).run(None, {"x": x})
@@ -90,6 +91,24 @@ def test_a_prefill_of_many_rows_split_over_the_threads_gives_the_same_bytes(libr
         want = _session(exported).run(None, {"x": x})
         got = _session(fused, library).run(None, {"x": x})
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_the_fused_node_takes_the_abs_place_and_only_its_constants_go():
+    """A reader of m between the ReduceMax and the QuantizeLinear still comes after the
+    node that now makes m; a one-element initializer nothing reads, and one the graph
+    lists as an output, stay."""
+    model = _quantize_chain(64)
+    g = model.graph
+    g.node.insert(2, helper.make_node("Identity", ["m"], ["m_copy"], name="early_reader"))
+    g.initializer.extend([numpy_helper.from_array(np.array(1.0, np.float32), "unrelated"),
+                          numpy_helper.from_array(np.array(1 / 127, np.float32), "w8a8/inv127_out")])
+    g.node[-1].input[1] = "w8a8/inv127_out"
+    g.output.append(helper.make_tensor_value_info("w8a8/inv127_out", TensorProto.FLOAT, []))
+    assert cpu_ops.fuse_row_quantize(g) == 1
+    order = [n.op_type for n in g.node]
+    assert order == ["RowQuantize", "Identity"]
+    # the axes and the zero point went with their nodes; the rest was not theirs to drop
+    assert {t.name for t in g.initializer} == {"unrelated", "w8a8/inv127", "w8a8/inv127_out"}
 
 
 def test_chains_read_elsewhere_or_with_other_constants_are_left_alone():
@@ -144,6 +163,37 @@ def test_without_gcc_the_library_is_none_and_says_why(monkeypatch, tmp_path, cap
     assert not list((tmp_path / "cache").glob("*"))    # no half-written library left behind
 
 
+def test_without_a_compiler_a_prebuilt_library_for_this_cpu_is_taken(monkeypatch, tmp_path):
+    """The CPU image has no gcc: its build stage runs `python -m llm_backend.cpu_ops
+    prebuild`, and the engine takes the best library this CPU runs; a library built from
+    other sources is never taken."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "llm_backend.cpu_ops", "prebuild", str(tmp_path / "prebuilt")],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert sorted(m for p in out for m in cpu_ops.PREBUILT if p.endswith(f"-{m}.so")) == \
+        ["x86-64-v2", "x86-64-v3", "x86-64-v4"]
+    monkeypatch.setenv("PATH", str(tmp_path))           # no gcc
+    monkeypatch.setenv("LLM_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLM_KERNEL_DIR", str(tmp_path / "prebuilt"))
+    monkeypatch.setattr(cpu_ops, "_built", {})
+    lib = cpu_ops.library()
+    flags = Path("/proc/cpuinfo").read_text()
+    want = "x86-64-v4" if " avx512vl" in flags else "x86-64-v3" if " avx2" in flags else "x86-64-v2"
+    assert lib is not None and lib.name.endswith(f"-{want}.so")
+    assert ("GroupAttention" in cpu_ops.ops(lib)) == (want == "x86-64-v4") and "RowQuantize" in cpu_ops.ops(lib)
+    exported, fused = _quantize_chain(70), _quantize_chain(70)
+    cpu_ops.fuse_row_quantize(fused.graph)
+    x = _hard_rows(70)
+    assert all(np.array_equal(a, b) for a, b in zip(_session(exported).run(None, {"x": x}),
+                                                    _session(fused, str(lib)).run(None, {"x": x})))
+    for p in (tmp_path / "prebuilt").iterdir():          # built from other sources: not taken
+        p.rename(p.with_name(p.name.replace("llm-kernels-", "llm-kernels-0")))
+    monkeypatch.setattr(cpu_ops, "_built", {})
+    assert cpu_ops.library() is None
+
+
 def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("LLM_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_ops, "_built", {})
@@ -170,7 +220,7 @@ def test_the_engine_serves_the_default_export_with_the_kernels(tmp_path, monkeyp
         pytest.skip("no VNNI: the engine refuses W8A8 exports here")
     version = ensure_default_model(tmp_path / "repo", precision="w8a8") / "1"
     graph, _ = prepare_graph(version / "model.onnx", prefill_variant=True,
-                             cpu_kernels=frozenset(cpu_ops.ops(library)))
+                             cpu_kernels=frozenset(cpu_ops.ops(library)), head_size=64)
     ops = [n.op_type for n in onnx.load_from_string(graph).graph.node]
     assert ops.count("RowQuantize") == ops.count("MatMulIntegerToFloat") > 100 and "Abs" not in ops
     assert ops.count("GroupAttention") == 30 and "GroupQueryAttention" not in ops
@@ -202,32 +252,31 @@ def test_the_engine_serves_the_default_export_with_the_kernels(tmp_path, monkeyp
 H, HKV, D, M, P = 9, 3, 64, 40, 64   # the default model's heads; KV buffers of 40 positions
 
 
-def _attention_graph(fused: bool):
+def _attention_graph(fused: bool, heads: int = H, scale: float | None = 0.1):
     """One GroupQueryAttention node as the export has it (packed QKV, rotary), or the
     GroupAttention that use_group_attention puts in its place."""
-    rng = np.random.default_rng(7)
     angles = np.arange(P)[:, None] * (10000.0 ** (-np.arange(D // 2) / (D // 2)))[None, :]
     f, i32 = TensorProto.FLOAT, TensorProto.INT32
     node = helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total",
                                                     "cos_cache", "sin_cache"], ["out", "present_key", "present_value"],
-                            domain="com.microsoft", num_heads=H, kv_num_heads=HKV, scale=0.125, do_rotary=1,
-                            rotary_interleaved=0, local_window_size=-1, softcap=0.0, name="attn")
+                            domain="com.microsoft", num_heads=heads, kv_num_heads=HKV, do_rotary=1,
+                            rotary_interleaved=0, local_window_size=-1, softcap=0.0, name="attn",
+                            **({"scale": scale} if scale is not None else {}))
     kv = ["B", HKV, M, D]
     graph = helper.make_graph(
         [node], "attention",
-        [helper.make_tensor_value_info("qkv", f, ["B", "S", (H + 2 * HKV) * D]),
+        [helper.make_tensor_value_info("qkv", f, ["B", "S", (heads + 2 * HKV) * D]),
          helper.make_tensor_value_info("past_key", f, kv), helper.make_tensor_value_info("past_value", f, kv),
          helper.make_tensor_value_info("seqlens_k", i32, ["B"]), helper.make_tensor_value_info("total", i32, [])],
-        [helper.make_tensor_value_info("out", f, ["B", "S", H * D]),
+        [helper.make_tensor_value_info("out", f, ["B", "S", heads * D]),
          helper.make_tensor_value_info("present_key", f, kv), helper.make_tensor_value_info("present_value", f, kv)],
         [numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos_cache"),
          numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin_cache")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1),
                                                     helper.make_opsetid(cpu_ops.DOMAIN, 1)])
     if fused:
-        assert cpu_ops.use_group_attention(model.graph) == 1
+        assert cpu_ops.use_group_attention(model.graph, D) == 1
         assert [n.op_type for n in model.graph.node] == ["GroupAttention"]
-    del rng
     return model
 
 
@@ -248,14 +297,16 @@ def _run_attention(sess, qkv, kc, vc, seqlens, total, shared: bool):
     return [b.get_outputs()[0].numpy(), kc, vc]
 
 
-@pytest.mark.parametrize("shared", [True, False])
-def test_group_attention_matches_group_query_attention(library, shared):
+@pytest.mark.parametrize("shared,heads,scale", [(True, H, 0.1), (False, H, 0.1), (True, 12, None), (True, 3, 0.3)])
+def test_group_attention_matches_group_query_attention(library, shared, heads, scale):
     """Decode steps of rows at different lengths, a right-padded first prompt of three
     rows, and a prompt's tail after cached positions: the outputs of every real token
-    and the KV of every real position agree with onnxruntime's node."""
+    and the KV of every real position agree with onnxruntime's node. 3, 4 and 1 query
+    heads per key-value head; a scale of its own, and none (1/sqrt(64))."""
     rng = np.random.default_rng(11)
-    want_s, got_s = _session(_attention_graph(False)), _session(_attention_graph(True), library)
-    width = (H + 2 * HKV) * D
+    want_s = _session(_attention_graph(False, heads, scale))
+    got_s = _session(_attention_graph(True, heads, scale), library)
+    width = (heads + 2 * HKV) * D
     kv = [np.zeros((3, HKV, M, D), np.float32) for _ in range(2)]
     mine = [a.copy() for a in kv]
 
@@ -285,12 +336,18 @@ def test_group_attention_matches_group_query_attention(library, shared):
     call(rng.standard_normal((1, 6, width), dtype=np.float32), [lens[1] + 5], lens[1] + 6, [6])
 
 
-def test_group_attention_refuses_a_position_outside_the_buffer(library):
+def test_group_attention_refuses_what_it_cannot_take(library):
+    """A position past the buffer, a total length of no element, a negative length: the
+    output NaN and the KV untouched (at API version 13 a kernel cannot return an error)."""
     sess = _session(_attention_graph(True), library)
-    kc, vc = (np.full((1, HKV, M, D), 3.0, np.float32) for _ in range(2))
-    qkv = np.ones((1, 1, (H + 2 * HKV) * D), np.float32)
-    out = _run_attention(sess, qkv, kc, vc, np.array([M], np.int32), M + 1, shared=True)
-    assert np.isnan(out[0]).all() and (kc == 3.0).all() and (vc == 3.0).all()
+    qkv = np.ones((1, 2, (H + 2 * HKV) * D), np.float32)
+    for seqlens, total in (([M], M + 1), ([3], np.zeros(0, np.int32)), ([-3], 5)):
+        kc, vc = (np.full((1, HKV, M, D), 3.0, np.float32) for _ in range(2))
+        out = _run_attention(sess, qkv, kc, vc, np.array(seqlens, np.int32), total, shared=True)
+        assert np.isnan(out[0]).all() and (kc == 3.0).all() and (vc == 3.0).all(), (seqlens, total)
+    kc, vc = (np.full((1, HKV, M, D), 3.0, np.float32) for _ in range(2))   # total as [1]: taken
+    out = _run_attention(sess, qkv, kc, vc, np.array([4], np.int32), np.array([5], np.int32), shared=True)
+    assert np.isfinite(out[0]).all() and (kc[0, :, 3:5] != 3.0).all()
 
 
 def test_only_attention_nodes_it_computes_the_same_way_are_replaced():
@@ -301,7 +358,10 @@ def test_only_attention_nodes_it_computes_the_same_way_are_replaced():
             if a.name == attr:
                 node.attribute.remove(a)
         node.attribute.append(helper.make_attribute(attr, value))
-        assert cpu_ops.use_group_attention(model.graph) == 0, attr
+        assert cpu_ops.use_group_attention(model.graph, D) == 0, attr
     model = _attention_graph(False)
     model.graph.input[1].type.tensor_type.elem_type = TensorProto.FLOAT16   # fp16 KV (a GPU export)
-    assert cpu_ops.use_group_attention(model.graph) == 0
+    assert cpu_ops.use_group_attention(model.graph, D) == 0
+    # heads of 128 with rotary over 64 of them (cos/sin [P, 32], as here)
+    assert cpu_ops.use_group_attention(_attention_graph(False).graph, 128) == 0
+    assert cpu_ops.use_group_attention(_attention_graph(False, heads=15).graph, D) == 0   # 5 per key-value head
