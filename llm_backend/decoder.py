@@ -391,11 +391,18 @@ class Decoder:
             binding.bind_cpu_input(LAST_INDEX, last)
         session.run_with_iobinding(binding)
         if self._logits_out is not None:
-            return self._logits_out[:count].copy()   # callers keep logits across calls
-        logits = np.array(binding.get_outputs()[0].numpy(), dtype=np.float32)   # a copy, fp32
-        # Bound anew (same place in the order): otherwise onnxruntime would take this run's
-        # logits as a preallocated output, fixing its shape and keeping it alive per binding.
-        binding.bind_output("logits", "cpu")
+            logits = self._logits_out[:count].copy()   # callers keep logits across calls
+        else:
+            logits = np.array(binding.get_outputs()[0].numpy(), dtype=np.float32)   # a copy, fp32
+            # Bound anew (same place in the order): otherwise onnxruntime would take this run's
+            # logits as a preallocated output, fixing its shape and keeping it alive per binding.
+            binding.bind_output("logits", "cpu")
+        # Our kernels answer what they cannot compute with NaN (they cannot raise), and a
+        # NaN anywhere in a row's hidden state reaches all its logits: one element a row
+        # tells, and a request fails with the reason instead of sampling from NaN.
+        if np.isnan(logits[:, -1, 0]).any():
+            raise RuntimeError("the model returned NaN logits (rows "
+                               f"{np.flatnonzero(np.isnan(logits[:, -1, 0])).tolist()} of this call)")
         return logits
 
     def prefill(self, row: int, tokens: list[int] | np.ndarray, past_len: int) -> np.ndarray:

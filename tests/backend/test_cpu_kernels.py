@@ -365,3 +365,24 @@ def test_only_attention_nodes_it_computes_the_same_way_are_replaced():
     # heads of 128 with rotary over 64 of them (cos/sin [P, 32], as here)
     assert cpu_ops.use_group_attention(_attention_graph(False).graph, 128) == 0
     assert cpu_ops.use_group_attention(_attention_graph(False, heads=15).graph, D) == 0   # 5 per key-value head
+
+
+@pytest.mark.slow
+def test_nan_logits_fail_the_call_instead_of_being_sampled(tmp_path, monkeypatch):
+    """What our kernels cannot compute comes back as NaN (they cannot raise): the
+    Decoder raises, and the engine fails the requests of that call with the reason."""
+    from llm_backend.decoder import Decoder
+    from stack.default_model import ensure_default_model
+
+    version = ensure_default_model(tmp_path / "repo") / "1"
+    dec = Decoder(version, num_slots=2, max_len=64, intra_op_threads=2)
+    dec.prefill(0, [1000, 1001, 1002], 0)
+    real = dec.session.run_with_iobinding
+
+    def poisoned(binding):
+        real(binding)
+        dec._logits_out[1] = np.nan                    # row 1's logits, as a refusing kernel leaves them
+
+    monkeypatch.setattr(dec.session, "run_with_iobinding", poisoned)
+    with pytest.raises(RuntimeError, match=r"NaN logits \(rows \[1\]"):
+        dec.decode(np.array([5, 6]), np.array([3, 3]))
