@@ -235,7 +235,7 @@ def use_group_attention(graph, head_size: int, max_group: int = 4) -> int:
                 or cos_dims.get(ins[7], [0, 0])[1] * 2 != head_size or cos_dims.get(ins[8]) != cos_dims.get(ins[7])
                 or head_size != 64 or not kv_heads or heads % kv_heads or heads // kv_heads > max_group):
             continue
-        node_attrs = {"scale": float(attrs["scale"])} if attrs.get("scale") else {}
+        node_attrs = {"num_heads": int(heads), **({"scale": float(attrs["scale"])} if attrs.get("scale") else {})}
         graph.node[i].CopyFrom(helper.make_node(
             "GroupAttention", [ins[0], ins[3], ins[4], ins[5], ins[6], ins[7], ins[8]], list(node.output),
             domain=DOMAIN, name=f"{node.name}/GroupAttention", **node_attrs))

@@ -10,7 +10,8 @@
             4 total_sequence_length int32 (scalar)   5 cos_cache, 6 sin_cache [P, D/2]
    outputs  0 [B, S, H D]   1 present_key, 2 present_value [B, Hkv, M, D] (bound onto the
             past buffers as the engine binds them; copied from them otherwise)
-   attribute scale (float; 0 or absent: 1/sqrt(D))
+   attributes scale (float; 0 or absent: 1/sqrt(D)), num_heads (H; the output's width when a
+            call is refused)
 
    As GroupQueryAttention does: when S equals total_sequence_length the call is a first
    prompt (rows right-padded to S; token s sits at position s), otherwise token s of row
@@ -30,7 +31,7 @@
 
 enum { D = 64, HALF = D / 2, MAX_GROUP = 4, BLOCK = 32 };
 
-typedef struct { float scale; } Kernel;
+typedef struct { float scale; int64_t heads; } Kernel;
 
 typedef struct {
     const float *qkv, *cos, *sin;
@@ -143,6 +144,17 @@ static void run(void *context, void (*fn)(void *, size_t), size_t total, void *d
     for (size_t i = 0; i < total; i++) fn(data, i);
 }
 
+/* A refused call still gives its present output: the past as it was (nothing written
+   when present is bound onto it, a copy otherwise). */
+static void keep_past(void *context, const void *past, const int64_t *dims, size_t index) {
+    void *value = output_of(context, index, dims, 4);
+    float *dst = value ? data_of(value) : 0;
+    const float *src = data_of(past);
+    size_t n = 1;
+    for (int i = 0; i < 4; i++) n *= dims[i] > 0 ? (size_t)dims[i] : 0;
+    if (dst && src && dst != src) memmove(dst, src, n * sizeof(float));
+}
+
 static void compute(void *kernel, void *context) {
     const Kernel *kern = kernel;
     const void *in[7];
@@ -161,7 +173,7 @@ static void compute(void *kernel, void *context) {
     ok = ok && hkv > 0 && h > 0 && xd[2] == (h + 2 * hkv) * D && h % hkv == 0 && h / hkv <= MAX_GROUP &&
          kd[0] == b && kd[3] == D && memcmp(kd, vd, sizeof(int64_t) * 4) == 0 && sd[0] == b &&
          cd[1] == HALF && memcmp(cd, nd, sizeof(int64_t) * 2) == 0;
-    out_dims[2] = ok ? h * D : xd[2];
+    out_dims[2] = ok ? h * D : kern->heads > 0 ? kern->heads * D : xd[2];
     void *out_value = output_of(context, 0, out_dims, 3);
     float *out = out_value ? data_of(out_value) : 0;
     if (!out) return;
@@ -180,6 +192,8 @@ static void compute(void *kernel, void *context) {
     const float *x = ok ? data_of(in[0]) : 0, *cos = ok ? data_of(in[5]) : 0, *sin = ok ? data_of(in[6]) : 0;
     if (!kc || !vc || !past_k || !past_v || !q || !x || !cos || !sin) {
         for (size_t i = 0; i < out_len; i++) out[i] = NAN;
+        if (kn == 4) keep_past(context, in[1], kd, 1);
+        if (vn == 4) keep_past(context, in[2], vd, 2);
         free(start);
         free(q);
         return;
@@ -200,6 +214,8 @@ static void *create_kernel(const OpTable *op, const void *a, const void *info) {
     Kernel *k = calloc(1, sizeof(Kernel));
     if (k && failed(((Status *(*)(const void *, const char *, float *))api[INFO_ATTRIBUTE_FLOAT])(info, "scale", &k->scale)))
         k->scale = 0.f;   /* absent: 1/sqrt(D) */
+    if (k && failed(((Status *(*)(const void *, const char *, int64_t *))api[INFO_ATTRIBUTE_INT64])(info, "num_heads", &k->heads)))
+        k->heads = 0;     /* absent: the output of a refused call takes the input's width */
     return k;
 }
 static void destroy(void *kernel) { free(kernel); }

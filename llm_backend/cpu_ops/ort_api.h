@@ -15,7 +15,7 @@ typedef void Status;
 typedef struct { const void *(*get_api)(uint32_t version); const char *(*version_string)(void); } ApiBase;
 typedef void *const *ApiTable;
 enum { API_VERSION = 13, MAX_RANK = 8 };
-enum { INFO_ATTRIBUTE_FLOAT = 85, CREATE_DOMAIN = 26, DOMAIN_ADD = 27, ADD_DOMAIN = 28, TENSOR_DATA = 51, DIMS_COUNT = 61, DIMS = 62,
+enum { INFO_ATTRIBUTE_FLOAT = 85, INFO_ATTRIBUTE_INT64 = 86, CREATE_DOMAIN = 26, DOMAIN_ADD = 27, ADD_DOMAIN = 28, TENSOR_DATA = 51, DIMS_COUNT = 61, DIMS = 62,
        TYPE_AND_SHAPE = 65, CONTEXT_INPUT = 90, CONTEXT_OUTPUT = 91, RELEASE_STATUS = 93,
        RELEASE_TYPE_AND_SHAPE = 99, PARALLEL_FOR = 274 };
 enum { PARALLEL_FOR_VERSION = 17 };

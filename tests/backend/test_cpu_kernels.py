@@ -345,6 +345,10 @@ def test_group_attention_refuses_what_it_cannot_take(library):
         kc, vc = (np.full((1, HKV, M, D), 3.0, np.float32) for _ in range(2))
         out = _run_attention(sess, qkv, kc, vc, np.array(seqlens, np.int32), total, shared=True)
         assert np.isnan(out[0]).all() and (kc == 3.0).all() and (vc == 3.0).all(), (seqlens, total)
+    kc, vc = (np.full((1, HKV, M, D), 3.0, np.float32) for _ in range(2))   # not bound: past given back
+    out, present_k, present_v = _run_attention(sess, qkv, kc, vc, np.array([M], np.int32), M + 1, shared=False)
+    assert out.shape == (1, 2, H * D) and np.isnan(out).all()
+    assert np.array_equal(present_k, kc) and np.array_equal(present_v, vc)
     kc, vc = (np.full((1, HKV, M, D), 3.0, np.float32) for _ in range(2))   # total as [1]: taken
     out = _run_attention(sess, qkv, kc, vc, np.array([4], np.int32), np.array([5], np.int32), shared=True)
     assert np.isfinite(out[0]).all() and (kc[0, :, 3:5] != 3.0).all()
