@@ -400,9 +400,9 @@ class Decoder:
         # Our kernels answer what they cannot compute with NaN (they cannot raise), and a
         # NaN anywhere in a row's hidden state reaches all its logits: one element a row
         # tells, and a request fails with the reason instead of sampling from NaN.
-        if np.isnan(logits[:, -1, 0]).any():
-            raise RuntimeError("the model returned NaN logits (rows "
-                               f"{np.flatnonzero(np.isnan(logits[:, -1, 0])).tolist()} of this call)")
+        nan = np.isnan(logits[:, -1, 0])
+        if nan.any():
+            raise RuntimeError(f"the model returned NaN logits (rows {np.flatnonzero(nan).tolist()} of this call)")
         return logits
 
     def prefill(self, row: int, tokens: list[int] | np.ndarray, past_len: int) -> np.ndarray:

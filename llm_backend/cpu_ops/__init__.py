@@ -82,13 +82,15 @@ def build(lib: Path, march: str) -> None:
         os.replace(built, lib)
 
 
-def _prebuilt(key: str) -> Path | None:
-    """The best library of $LLM_KERNEL_DIR built from these sources that this CPU runs."""
+def _prebuilt(key: str, flags: set[str]) -> Path | None:
+    """The best library of $LLM_KERNEL_DIR built from these sources that a CPU of these
+    flags runs."""
     folder = os.environ.get("LLM_KERNEL_DIR")
-    flags = set(_cpu_line("flags").split(":", 1)[-1].split())
+    if not folder:
+        return None
     for march, needs in PREBUILT.items():
-        lib = Path(folder or "/nonexistent") / f"llm-kernels-{key}-{march}.so"
-        if folder and lib.is_file() and needs <= flags:
+        lib = Path(folder) / f"llm-kernels-{key}-{march}.so"
+        if lib.is_file() and needs <= flags:
             return lib
     return None
 
@@ -99,8 +101,8 @@ _built: dict[str, Path | None] = {}
 def library() -> Path | None:
     """The library for this CPU (built on first use, cached by source, flags and CPU; or
     prebuilt, see the module's doc), or None when there is none (the reason is logged)."""
-    source = _source_key()
-    key = hashlib.sha256((source + _cpu_line("model name") + _cpu_line("flags")).encode()).hexdigest()[:16]
+    source, flags = _source_key(), _cpu_line("flags")
+    key = hashlib.sha256((source + _cpu_line("model name") + flags).encode()).hexdigest()[:16]
     if key in _built:
         return _built[key]
     lib = _cache_dir() / f"llm-kernels-{key}.so"
@@ -108,7 +110,7 @@ def library() -> Path | None:
         try:
             build(lib, "native")
         except (OSError, subprocess.SubprocessError) as err:
-            prebuilt = _prebuilt(source)
+            prebuilt = _prebuilt(source, set(flags.split(":", 1)[-1].split()))
             if prebuilt is not None:
                 log.info("cpu kernels: no compiler here (%s); using %s", err, prebuilt.name)
                 _built[key] = prebuilt
@@ -220,7 +222,7 @@ def use_group_attention(graph, head_size: int, max_group: int = 4) -> int:
     from onnx import TensorProto, helper
 
     float_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT}
-    cos_dims = {t.name: list(t.dims) for t in graph.initializer}
+    dims = {t.name: list(t.dims) for t in graph.initializer}   # the cos/sin tables among them
     replaced = 0
     for i, node in enumerate(graph.node):
         if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
@@ -232,7 +234,7 @@ def use_group_attention(graph, head_size: int, max_group: int = 4) -> int:
                 for k, v in attrs.items())
                 or attrs.get("do_rotary") != 1 or ins[1] or ins[2] or any(ins[9:])
                 or not (ins[3] in float_inputs and ins[4] in float_inputs)
-                or cos_dims.get(ins[7], [0, 0])[1] * 2 != head_size or cos_dims.get(ins[8]) != cos_dims.get(ins[7])
+                or dims.get(ins[7], [0, 0])[1] * 2 != head_size or dims.get(ins[8]) != dims.get(ins[7])
                 or head_size != 64 or not kv_heads or heads % kv_heads or heads // kv_heads > max_group):
             continue
         node_attrs = {"num_heads": int(heads), **({"scale": float(attrs["scale"])} if attrs.get("scale") else {})}

@@ -139,11 +139,6 @@ static void attend_unit(void *data, size_t unit) {
     }
 }
 
-static void run(void *context, void (*fn)(void *, size_t), size_t total, void *data) {
-    if (total > 1 && !parallel_for(context, fn, total, data)) return;
-    for (size_t i = 0; i < total; i++) fn(data, i);
-}
-
 /* A refused call still gives its present output: the past as it was (nothing written
    when present is bound onto it, a copy otherwise). */
 static void keep_past(void *context, const void *past, const int64_t *dims, size_t index) {
@@ -202,9 +197,9 @@ static void compute(void *kernel, void *context) {
     if (kc != past_k) memmove(kc, past_k, kv_bytes);
     if (vc != past_v) memmove(vc, past_v, kv_bytes);
     Work w = {x, cos, sin, q, kc, vc, out, start, b, s, h, hkv, m};
-    run(context, place_token, (size_t)(b * s), &w);
+    run_units(context, place_token, (size_t)(b * s), &w);
     Phase2 p = {&w, kern->scale > 0 ? kern->scale : 1.f / sqrtf((float)D)};
-    run(context, attend_unit, (size_t)(b * s * hkv), &p);
+    run_units(context, attend_unit, (size_t)(b * s * hkv), &p);
     free(start);
     free(q);
 }
@@ -220,16 +215,13 @@ static void *create_kernel(const OpTable *op, const void *a, const void *info) {
 }
 static void destroy(void *kernel) { free(kernel); }
 static const char *name(const OpTable *op) { (void)op; return "GroupAttention"; }
-static const char *provider(const OpTable *op) { (void)op; return 0; }   /* the CPU */
 static int input_type(const OpTable *op, size_t i) { (void)op; return i == 3 || i == 4 ? ELEM_INT32 : ELEM_FLOAT; }
 static size_t input_count(const OpTable *op) { (void)op; return 7; }
 static int output_type(const OpTable *op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
 static size_t output_count(const OpTable *op) { (void)op; return 3; }
-static int required(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
-static int memory_default(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
 
-static OpTable op = {API_VERSION, create_kernel, name, provider, input_type, input_count,
-                              output_type, output_count, compute, destroy, required, required, memory_default};
+static OpTable op = {API_VERSION, create_kernel, name, op_on_cpu, input_type, input_count, output_type,
+                     output_count, compute, destroy, op_required, op_required, op_default_memory};
 OpTable *const group_attention_op = &op;
 #else
 OpTable *const group_attention_op = 0;   /* no AVX-512 here: the op is not registered */

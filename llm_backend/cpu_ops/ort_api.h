@@ -84,6 +84,19 @@ static inline int parallel_for(void *context, void (*fn)(void *, size_t), size_t
                    api_with_parallel_for[PARALLEL_FOR])(context, fn, total, 0, data));
 }
 
+/* fn(data, i) for i in [0, total): on onnxruntime's threads where it can, on this one
+   otherwise (one unit, or no ParallelFor). */
+static inline void run_units(void *context, void (*fn)(void *, size_t), size_t total, void *data) {
+    if (total > 1 && !parallel_for(context, fn, total, data)) return;
+    for (size_t i = 0; i < total; i++) fn(data, i);
+}
+
+/* Callbacks every op of ours shares: it runs on the CPU, each input and output is
+   required, inputs are in the default memory. */
+static inline const char *op_on_cpu(const OpTable *op) { (void)op; return 0; }
+static inline int op_required(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
+static inline int op_default_memory(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
+
 /* Registers `ops` in the domain `domain` with the session options. */
 static inline Status *register_ops(void *options, const ApiBase *base, const char *domain_name,
                                    OpTable *const *ops, size_t count) {

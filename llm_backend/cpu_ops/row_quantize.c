@@ -85,8 +85,7 @@ static void compute(void *kernel, void *context) {
     /* a decode step's few rows on this thread; a prefill's many on onnxruntime's threads */
     int64_t chunks = rows * k / CHUNK_ELEMENTS;
     Work w = {x, q, m, rows, k, chunks < 1 ? 1 : chunks < rows ? chunks : rows};
-    if (w.chunks == 1 || parallel_for(context, quantize_rows, (size_t)w.chunks, &w))
-        for (int64_t c = 0; c < w.chunks; c++) quantize_rows(&w, (size_t)c);
+    run_units(context, quantize_rows, (size_t)w.chunks, &w);
 }
 
 static int kernel_instance;   /* the op keeps no state: every kernel is this one */
@@ -96,14 +95,11 @@ static void *create_kernel(const OpTable *op, const void *a, const void *info) {
 }
 static void destroy(void *kernel) { (void)kernel; }
 static const char *name(const OpTable *op) { (void)op; return "RowQuantize"; }
-static const char *provider(const OpTable *op) { (void)op; return 0; }   /* the CPU */
 static int input_type(const OpTable *op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
 static size_t input_count(const OpTable *op) { (void)op; return 1; }
 static int output_type(const OpTable *op, size_t i) { (void)op; return i == 0 ? ELEM_UINT8 : ELEM_FLOAT; }
 static size_t output_count(const OpTable *op) { (void)op; return 2; }
-static int required(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
-static int memory_default(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
 
-static OpTable op = {API_VERSION, create_kernel, name, provider, input_type, input_count,
-                           output_type, output_count, compute, destroy, required, required, memory_default};
+static OpTable op = {API_VERSION, create_kernel, name, op_on_cpu, input_type, input_count, output_type,
+                     output_count, compute, destroy, op_required, op_required, op_default_memory};
 OpTable *const row_quantize_op = &op;
