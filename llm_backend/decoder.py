@@ -18,13 +18,14 @@ import json
 import logging
 import os
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .cpu_ops import DOMAIN as CPU_KERNEL_DOMAIN
-from .cpu_ops import fuse_row_quantize, use_group_attention
+from .cpu_ops import fuse_row_quantize, use_group_attention, use_nibble_matmul
 from .cpu_ops import library as cpu_library
 from .cpu_ops import ops as cpu_library_ops
 
@@ -122,7 +123,7 @@ def _pick_last_position(model) -> bool:
 
 
 def prepare_graph(onnx_path: Path, prefill_variant: bool, cpu_kernels: frozenset[str] = frozenset(),
-                  head_size: int = 0) -> tuple[bytes | str, bytes | None]:
+                  head_size: int = 0, kernel_library: Path | None = None) -> tuple[bytes | str, bytes | None]:
     """(graph for decoding, graph for prefill or None when the same will do).
 
     1. LM head on one position per row only. The builder's graph computes logits for
@@ -141,6 +142,10 @@ def prepare_graph(onnx_path: Path, prefill_variant: bool, cpu_kernels: frozenset
        (`cpu_ops.fuse_row_quantize`), and `GroupQueryAttention` becomes `GroupAttention`,
        which reads each key-value head's keys and values once for all its query heads
        (`cpu_ops.use_group_attention`; the same attention within float rounding).
+       Calls of one row and one position (a decode step alone) then get a branch of
+       their own, whose W8A8 products read weights that fit it (a 4-bit checkpoint's)
+       as 4-bit codes into per-block tables, NibbleMatMul: the same logits bit for bit
+       from a quarter fewer bytes (`cpu_ops.use_nibble_matmul`; needs `kernel_library`).
     Falls back to the file unchanged when none of these applies.
     """
     import onnx
@@ -151,10 +156,12 @@ def prepare_graph(onnx_path: Path, prefill_variant: bool, cpu_kernels: frozenset
     sliced = _pick_last_position(model)
     fused = fuse_row_quantize(g) if "RowQuantize" in cpu_kernels else 0
     attention = use_group_attention(g, head_size) if "GroupAttention" in cpu_kernels else 0
-    if fused or attention:
+    nibble = (use_nibble_matmul(model, kernel_library, Path(onnx_path).parent)
+              if "NibbleMatMul" in cpu_kernels and kernel_library is not None else 0)
+    if fused or attention or nibble:
         model.opset_import.append(helper.make_opsetid(CPU_KERNEL_DOMAIN, 1))
-        log.info("decoder: our CPU kernels: %d RowQuantize nodes (each for four), %d GroupAttention nodes",
-                 fused, attention)
+        log.info("decoder: our CPU kernels: %d RowQuantize nodes (each for four), %d GroupAttention nodes, "
+                 "%d NibbleMatMul products for one row", fused, attention, nibble)
     elif not sliced:
         return str(onnx_path), None
     decode = model.SerializeToString()
@@ -253,7 +260,8 @@ class Decoder:
             # our own CPU kernels (cpu_ops/): None where they cannot be built
             kernel_ops = self._load_kernels(so) if cpu_kernels and device == "cpu" else frozenset()
             decode_graph, prefill_graph = prepare_graph(onnx_path, prefill_variant=device == "cpu",
-                                                        cpu_kernels=kernel_ops, head_size=self.spec.head_size)
+                                                        cpu_kernels=kernel_ops, head_size=self.spec.head_size,
+                                                        kernel_library=self.kernel_library)
             try:
                 self.session = ort.InferenceSession(decode_graph, so, providers=providers)
             except Exception as err:  # noqa: BLE001 - our kernels' graph refused: serve it as exported
@@ -309,6 +317,20 @@ class Decoder:
         log.info("decoder: %s, %d layers, %d slots x %d tokens (%.0f MB KV), %d threads, %s",
                  onnx_path, sp.num_layers, num_slots, max_len,
                  num_slots * self.row_bytes / 2**20, threads, self.session.get_providers()[0])
+        if "NibbleMatMul" in kernel_ops:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One decode step alone on row 0 (its KV is written before it is read again):
+        NibbleMatMul repacks its weights on its first call (~0.2 s for the default model),
+        better at load than in a request's first token."""
+        t0 = time.perf_counter()
+        try:
+            self.decode(np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64))
+        except Exception as err:  # noqa: BLE001 - a model that fails here fails its requests with the reason
+            log.warning("decoder: the warm-up step failed: %s", err)
+            return
+        log.info("decoder: warm-up step (one row) %.0f ms", 1e3 * (time.perf_counter() - t0))
 
     def _load_kernels(self, so) -> frozenset[str]:
         """Register our CPU kernels (cpu_ops/) with the session options; the ops usable,

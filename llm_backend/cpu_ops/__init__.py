@@ -4,7 +4,8 @@
 cache, once per source and CPU; where there is no compiler (the CPU image) it takes a
 library built beforehand for an instruction set this CPU has, from `$LLM_KERNEL_DIR`
 (`python -m llm_backend.cpu_ops prebuild DIR`, a stage of the Dockerfile).
-`fuse_row_quantize` and `use_group_attention` rewrite a graph to use them. All of it
+`fuse_row_quantize`, `use_group_attention` and `use_nibble_matmul` rewrite a graph to
+use them. All of it
 is optional: without a library the engine serves the graph as exported (the same
 numbers for RowQuantize, more nodes), and says why in its log. Standard library only
 at import (the image's build stage has no numpy).
@@ -244,3 +245,83 @@ def use_group_attention(graph, head_size: int, max_group: int = 4) -> int:
         replaced += 1
     return replaced
 
+
+
+def nibble_fits(lib: Path, weight) -> bool:
+    """Whether NibbleMatMul reads this int8 [K, N] weight in its packed form (at most 16
+    values in each column's block of 32, as the int8 form of a 4-bit checkpoint has)."""
+    import ctypes
+
+    import numpy as np
+
+    w = np.ascontiguousarray(weight)
+    if w.dtype != np.int8 or w.ndim != 2:
+        return False
+    fn = ctypes.CDLL(str(lib)).llm_nibble_fits
+    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    return bool(fn(w.ctypes.data, w.shape[0], w.shape[1]))
+
+
+def use_nibble_matmul(model, lib: Path, folder: Path) -> int:
+    """Give the graph a branch of its own for calls of a single row and position (a decode
+    step alone), in which each W8A8 product whose weights fit NibbleMatMul's packed form
+    (`nibble_fits`) is a NibbleMatMul node: the same numbers from a quarter fewer bytes
+    (nibble_matmul.c). Calls of more rows keep onnxruntime's int8 GEMM, faster there. The
+    graph becomes one `If` on input_ids having one element, over the graph as it was
+    (else) and the rewritten copy (then); the weights stay in the outer graph, read by
+    both. `folder`: where the weights' file is. Returns the products rewritten (0: the
+    graph is left unchanged)."""
+    import copy
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+
+    def dims(name):
+        t = inits.get(name)
+        return None if t is None else list(t.dims)
+
+    packed = set()
+    for node in g.node:
+        if (node.op_type != "MatMulIntegerToFloat" or node.domain != "com.microsoft" or len(node.input) != 5
+                or inits.get(node.input[1]) is None or inits[node.input[1]].data_type != TensorProto.INT8):
+            continue
+        w_dims = dims(node.input[1])
+        if (len(w_dims) != 2 or dims(node.input[3]) != [w_dims[1]]
+                or dims(node.input[2]) not in ([], [1]) or dims(node.input[4]) not in ([], [1])):
+            continue
+        if nibble_fits(lib, numpy_helper.to_array(inits[node.input[1]], base_dir=str(folder))):
+            packed.add(node.name)
+    if not packed:
+        return 0
+    outputs = [o.name for o in g.output]
+
+    def branch(tag: str, nibble: bool):
+        nodes = [copy.deepcopy(n) for n in g.node]
+        renamed = {name: f"{tag}/{name}" for name in outputs}   # a branch's outputs have names of their own
+        for n in nodes:
+            n.output[:] = [renamed.get(o, o) for o in n.output]
+            n.input[:] = [renamed.get(i, i) for i in n.input]
+            if nibble and n.name in packed:
+                n.op_type, n.domain = "NibbleMatMul", DOMAIN
+        values = []
+        for o in g.output:
+            v = copy.deepcopy(o)
+            v.name = renamed[o.name]
+            values.append(v)
+        return helper.make_graph(nodes, tag, [], values)
+
+    one_row, rows = branch("llm_one_row", True), branch("llm_rows", False)
+    del g.node[:]
+    g.initializer.append(helper.make_tensor("llm_one_row/one", TensorProto.INT64, [], [1]))
+    g.node.extend([
+        helper.make_node("Shape", ["input_ids"], ["llm_one_row/shape"], name="llm_one_row/Shape"),
+        helper.make_node("ReduceProd", ["llm_one_row/shape"], ["llm_one_row/elements"], keepdims=0,
+                         name="llm_one_row/ReduceProd"),
+        helper.make_node("Equal", ["llm_one_row/elements", "llm_one_row/one"], ["llm_one_row/cond"],
+                         name="llm_one_row/Equal"),
+        helper.make_node("If", ["llm_one_row/cond"], outputs, then_branch=one_row, else_branch=rows,
+                         name="llm_one_row/If"),
+    ])
+    return len(packed)

@@ -5,7 +5,7 @@
 
 ApiTable api;
 ApiTable api_with_parallel_for;
-extern OpTable *const row_quantize_op, *const group_attention_op;   /* 0 where not built */
+extern OpTable *const row_quantize_op, *const group_attention_op, *const nibble_matmul_op;   /* 0 where not built */
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -13,6 +13,7 @@ static size_t available(OpTable **ops) {
     size_t n = 0;
     if (row_quantize_op) ops[n++] = row_quantize_op;
     if (group_attention_op) ops[n++] = group_attention_op;
+    if (nibble_matmul_op) ops[n++] = nibble_matmul_op;
     return n;
 }
 

@@ -390,3 +390,106 @@ def test_nan_logits_fail_the_call_instead_of_being_sampled(tmp_path, monkeypatch
     monkeypatch.setattr(dec.session, "run_with_iobinding", poisoned)
     with pytest.raises(RuntimeError, match=r"NaN logits \(rows \[1\]"):
         dec.decode(np.array([5, 6]), np.array([3, 3]))
+
+
+# -- NibbleMatMul ----------------------------------------------------------------------
+
+def _q4_int8_weights(k: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """int8 weights [k, n] and their scales as export/w8a8.py makes them from a Q4_1
+    checkpoint: each column's block of 32 is d * q + m, q in 0..15 (0 and 15 present)."""
+    from export.w8a8 import quantize_weight
+
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, (k // 32, 32, n))
+    q[:, 0], q[:, 1] = 0, 15
+    d = rng.uniform(0.001, 0.02, (k // 32, 1, n)) * rng.choice([1, 1, 1, 8], (k // 32, 1, n))  # some wide blocks
+    m = -d * rng.uniform(4, 11, (k // 32, 1, n))
+    return quantize_weight((d * q + m).reshape(k, n).astype(np.float32))
+
+
+def _product_graph(op: str, w: np.ndarray, scale: np.ndarray, a_scale: float = 1.0, zero_point: int = 128):
+    k, n = w.shape
+    domain = cpu_ops.DOMAIN if op == "NibbleMatMul" else "com.microsoft"
+    graph = helper.make_graph(
+        [helper.make_node(op, ["a", "w", "a_scale", "scale", "zp"], ["y"], domain=domain)], "product",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, ["R", 1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["R", 1, n])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(scale, "scale"),
+         numpy_helper.from_array(np.array(a_scale, np.float32), "a_scale"),
+         numpy_helper.from_array(np.array(zero_point, np.uint8), "zp")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(domain, 1)])
+
+
+def _same_product(library, w, scale, rows: int, **kw) -> np.ndarray:
+    rng = np.random.default_rng(rows)
+    a = rng.integers(0, 256, (rows, 1, w.shape[0]), dtype=np.uint8)
+    a[0, 0, :4] = [0, 255, 128, 1]
+    want = _session(_product_graph("MatMulIntegerToFloat", w, scale, **kw)).run(None, {"a": a})[0]
+    got = _session(_product_graph("NibbleMatMul", w, scale, **kw), library).run(None, {"a": a})[0]
+    assert got.shape == want.shape and np.array_equal(got.view(np.int32), want.view(np.int32)), \
+        np.abs(got - want).max()
+    return got
+
+
+@pytest.mark.parametrize("k,n", [(576, 960), (1536, 576), (64, 32)])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_nibble_matmul_gives_matmul_integer_to_float_bit_for_bit(library, k, n, rows):
+    if "NibbleMatMul" not in cpu_ops.ops(library):
+        pytest.skip("no AVX-512 VNNI: NibbleMatMul is not registered here")
+    w, scale = _q4_int8_weights(k, n)
+    assert cpu_ops.nibble_fits(library, w)                      # read packed: the fast form
+    y = _same_product(library, w, scale / 127, rows)
+    assert len(np.unique(y)) > n // 2                            # real products, not a constant
+    _same_product(library, w, scale, rows, a_scale=0.37, zero_point=3)   # other scales and zero points
+
+
+def test_nibble_matmul_reads_weights_without_the_form_directly(library):
+    """More than 16 values in a block, values that no base and lo fit, a width off the
+    block: not packed (the rewrite leaves such products to onnxruntime), still exact."""
+    if "NibbleMatMul" not in cpu_ops.ops(library):
+        pytest.skip("no AVX-512 VNNI: NibbleMatMul is not registered here")
+    rng = np.random.default_rng(1)
+    wide = rng.integers(-127, 128, (64, 32), dtype=np.int8)             # up to 32 values a block
+    gap = _q4_int8_weights(64, 32)[0]
+    gap[:32, 5] = [*range(15), 40] * 2                                   # 16 values, a gap no table fits
+    odd = _q4_int8_weights(64, 40)[0][:40]                               # k = 40: off the block of 32
+    scale = np.full(40, 0.01, np.float32)
+    for w in (wide, gap, odd):
+        assert not cpu_ops.nibble_fits(library, w)
+        _same_product(library, w, scale[:w.shape[1]], 2)
+
+
+def test_the_one_row_branch_gives_the_default_exports_logits_bit_for_bit(tmp_path, monkeypatch, library):
+    """The default export: every layer's product (not the head: an 8-bit block there) reads
+    packed in the one-row branch, the other calls keep onnxruntime's; the logits are the
+    same bit for bit as without NibbleMatMul, alone and beside other rows."""
+    import onnx
+
+    from llm_backend import decoder
+    from llm_backend.decoder import Decoder, int8_gemm_is_exact, prepare_graph
+    from stack.default_model import ensure_default_model
+
+    if not int8_gemm_is_exact() or "NibbleMatMul" not in cpu_ops.ops(library):
+        pytest.skip("no VNNI here")
+    version = ensure_default_model(tmp_path / "repo", precision="w8a8") / "1"
+    graph, _ = prepare_graph(version / "model.onnx", prefill_variant=True, cpu_kernels=frozenset(cpu_ops.ops(library)),
+                             head_size=64, kernel_library=Path(library))
+    (branch,) = [n for n in onnx.load_from_string(graph).graph.node if n.op_type == "If"]
+    ops = {a.name: [n.op_type for n in a.g.node] for a in branch.attribute}
+    assert ops["then_branch"].count("NibbleMatMul") == 120 and ops["then_branch"].count("MatMulIntegerToFloat") == 1
+    assert "NibbleMatMul" not in ops["else_branch"] and ops["else_branch"].count("MatMulIntegerToFloat") == 121
+
+    nibble = Decoder(version, num_slots=3, max_len=64, intra_op_threads=2)
+    monkeypatch.setattr(decoder, "cpu_library_ops", lambda lib: cpu_ops.ops(lib) - {"NibbleMatMul"})
+    plain = Decoder(version, num_slots=3, max_len=64, intra_op_threads=2)
+    prompt = list(range(1000, 1030))
+    for dec in (nibble, plain):
+        dec.prefill(0, prompt, 0)
+    for step in range(6):                                    # one row: NibbleMatMul against onnxruntime
+        token, length = np.array([40 + step]), np.array([len(prompt) + step])
+        a, b = nibble.decode(token, length), plain.decode(token, length)
+        assert np.array_equal(a, b)
+    prompts = [prompt + [7], list(range(2000, 2012)), list(range(3000, 3020))]
+    assert np.array_equal(nibble.prefill_batch(0, prompts), plain.prefill_batch(0, prompts))   # else-branch
+    lengths, tokens = np.array([len(p) for p in prompts]), np.array([5, 6, 7])
+    assert np.array_equal(nibble.decode(tokens, lengths), plain.decode(tokens, lengths))
