@@ -61,7 +61,7 @@ CMD ["--exit-timeout-secs=120"]
 
 ############################ cpu-kernels ############################
 # The engine's own CPU kernels (llm_backend/cpu_ops), built for each instruction set it
-# can pick from at load (x86-64-v4 with AVX-512, v3, v2): the serving image has no
+# can pick from at load (x86-64-v4 with AVX-512 and VNNI, x86-64-v4, v3, v2): the serving image has no
 # compiler, and the full Python image of the same release has gcc.
 FROM ${PYTHON_BUILD_IMAGE} AS cpu-kernels
 WORKDIR /src

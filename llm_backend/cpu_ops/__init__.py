@@ -29,9 +29,13 @@ FLAGS = ["-O3", "-fno-math-errno", "-Wall", "-fPIC", "-fvisibility=hidden"]
 # (it divides exactly as onnxruntime does).
 SOURCE_FLAGS = {"group_attention.c": ["-ffast-math"]}
 # Prebuilt libraries, best first: the instruction set and the CPU flags it needs.
-PREBUILT = {"x86-64-v4": {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"},
+# NibbleMatMul needs AVX-512 VNNI, which x86-64-v4 does not include.
+_V4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"}
+PREBUILT = {"x86-64-v4-vnni": _V4 | {"avx512_vnni"},
+            "x86-64-v4": _V4,
             "x86-64-v3": {"avx2", "fma", "bmi2", "movbe"},
             "x86-64-v2": {"sse4_2", "popcnt"}}
+MARCH_FLAGS = {"x86-64-v4-vnni": ["-march=x86-64-v4", "-mavx512vnni"]}   # others: -march=<name>
 
 
 def _cpu_line(key: str) -> str:
@@ -74,7 +78,7 @@ def build(lib: Path, march: str) -> None:
         objects = []
         for src in sorted(SOURCES.glob("*.c")):
             obj = Path(tmp) / f"{src.stem}.o"
-            subprocess.run(["gcc", f"-march={march}", *FLAGS, *SOURCE_FLAGS.get(src.name, []), "-c", str(src),
+            subprocess.run(["gcc", *MARCH_FLAGS.get(march, [f"-march={march}"]), *FLAGS, *SOURCE_FLAGS.get(src.name, []), "-c", str(src),
                             "-o", str(obj)], check=True, capture_output=True, text=True, timeout=120)
             objects.append(str(obj))
         built = Path(tmp) / lib.name

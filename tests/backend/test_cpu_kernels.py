@@ -173,16 +173,18 @@ def test_without_a_compiler_a_prebuilt_library_for_this_cpu_is_taken(monkeypatch
     out = subprocess.run([sys.executable, "-m", "llm_backend.cpu_ops", "prebuild", str(tmp_path / "prebuilt")],
                          capture_output=True, text=True, check=True).stdout.split()
     assert sorted(m for p in out for m in cpu_ops.PREBUILT if p.endswith(f"-{m}.so")) == \
-        ["x86-64-v2", "x86-64-v3", "x86-64-v4"]
+        ["x86-64-v2", "x86-64-v3", "x86-64-v4", "x86-64-v4-vnni"]
     monkeypatch.setenv("PATH", str(tmp_path))           # no gcc
     monkeypatch.setenv("LLM_KERNEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LLM_KERNEL_DIR", str(tmp_path / "prebuilt"))
     monkeypatch.setattr(cpu_ops, "_built", {})
     lib = cpu_ops.library()
     flags = Path("/proc/cpuinfo").read_text()
-    want = "x86-64-v4" if " avx512vl" in flags else "x86-64-v3" if " avx2" in flags else "x86-64-v2"
+    want = ("x86-64-v4-vnni" if " avx512_vnni" in flags and " avx512vl" in flags else "x86-64-v4" if " avx512vl" in flags
+            else "x86-64-v3" if " avx2" in flags else "x86-64-v2")
     assert lib is not None and lib.name.endswith(f"-{want}.so")
-    assert ("GroupAttention" in cpu_ops.ops(lib)) == (want == "x86-64-v4") and "RowQuantize" in cpu_ops.ops(lib)
+    assert ("GroupAttention" in cpu_ops.ops(lib)) == want.startswith("x86-64-v4") and "RowQuantize" in cpu_ops.ops(lib)
+    assert ("NibbleMatMul" in cpu_ops.ops(lib)) == (want == "x86-64-v4-vnni")
     exported, fused = _quantize_chain(70), _quantize_chain(70)
     cpu_ops.fuse_row_quantize(fused.graph)
     x = _hard_rows(70)
