@@ -251,25 +251,27 @@ def use_group_attention(graph, head_size: int, max_group: int = 4) -> int:
 
 
 
-def nibble_fits(lib: Path, weight) -> bool:
-    """Whether NibbleMatMul reads this int8 [K, N] weight in its packed form (at most 16
-    values in each column's block of 32, as the int8 form of a 4-bit checkpoint has)."""
+def nibble_form(lib: Path, weight) -> str | None:
+    """How NibbleMatMul reads this int8 [K, N] weight: "steps" (20 bytes for 32 weights)
+    or "nibbles" (26), forms for at most 16 values in each column's block of 32, as the
+    int8 form of a 4-bit checkpoint has; None where neither fits (it would read the int8
+    weights directly, slower than onnxruntime)."""
     import ctypes
 
     import numpy as np
 
     w = np.ascontiguousarray(weight)
     if w.dtype != np.int8 or w.ndim != 2:
-        return False
-    fn = ctypes.CDLL(str(lib)).llm_nibble_fits
+        return None
+    fn = ctypes.CDLL(str(lib)).llm_nibble_form
     fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    return bool(fn(w.ctypes.data, w.shape[0], w.shape[1]))
+    return {80: "steps", 104: "nibbles"}.get(fn(w.ctypes.data, w.shape[0], w.shape[1]))
 
 
 def use_nibble_matmul(model, lib: Path, folder: Path) -> int:
     """Give the graph a branch of its own for calls of a single row and position (a decode
     step alone), in which each W8A8 product whose weights fit NibbleMatMul's packed form
-    (`nibble_fits`) is a NibbleMatMul node: the same numbers from a quarter fewer bytes
+    (`nibble_form`) is a NibbleMatMul node: the same numbers from fewer bytes
     (nibble_matmul.c). Calls of more rows keep onnxruntime's int8 GEMM, faster there. The
     graph becomes one `If` on input_ids having one element, over the graph as it was
     (else) and the rewritten copy (then); the weights stay in the outer graph, read by
@@ -295,7 +297,7 @@ def use_nibble_matmul(model, lib: Path, folder: Path) -> int:
         if (len(w_dims) != 2 or dims(node.input[3]) != [w_dims[1]]
                 or dims(node.input[2]) not in ([], [1]) or dims(node.input[4]) not in ([], [1])):
             continue
-        if nibble_fits(lib, numpy_helper.to_array(inits[node.input[1]], base_dir=str(folder))):
+        if nibble_form(lib, numpy_helper.to_array(inits[node.input[1]], base_dir=str(folder))):
             packed.add(node.name)
     if not packed:
         return 0
