@@ -224,7 +224,7 @@ class Decoder:
     def __init__(self, model_dir: Path, onnx_model: str = "model.onnx", *, num_slots: int,
                  max_len: int, device: str = "cpu", intra_op_threads: int = 0,
                  kv_cache_gpu_fraction: float = 0.5, kv_cache_mb: int = 0, allow_spinning: bool = True,
-                 cpu_kernels: bool = True):
+                 cpu_kernels: bool = True, packed_decode: bool = True):
         import onnxruntime as ort
 
         model_dir = Path(model_dir)
@@ -259,6 +259,8 @@ class Decoder:
                                         str(onnx_path.resolve().parent))
             # our own CPU kernels (cpu_ops/): None where they cannot be built
             kernel_ops = self._load_kernels(so) if cpu_kernels and device == "cpu" else frozenset()
+            if not packed_decode:   # decode steps alone as every call (config.pbtxt `packed_decode`)
+                kernel_ops -= {"NibbleMatMul"}
             decode_graph, prefill_graph = prepare_graph(onnx_path, prefill_variant=device == "cpu",
                                                         cpu_kernels=kernel_ops, head_size=self.spec.head_size,
                                                         kernel_library=self.kernel_library)

@@ -69,6 +69,8 @@ class EngineParams:
     ort_allow_spinning: int = 1            # 1: onnxruntime workers spin between ops (dedicated cores); 0: shared machine
     cpu_kernels: int = 1                   # 1: our own CPU kernels (llm_backend/cpu_ops, built with gcc at load)
                                            # where they build; 0: the graph as exported (same numbers)
+    packed_decode: int = 1                 # with cpu_kernels: 1: a decode step alone reads the W8A8 weights
+                                           # packed (NibbleMatMul, same numbers); 0: onnxruntime's int8 GEMM
     chat_template: str = ""                # the checkpoint's own Jinja chat template
     bos_token: str = ""
     eos_token: str = ""

@@ -85,7 +85,8 @@ def load_engine(version_dir: Path, params: EngineParams, metrics=None) -> tuple[
     decoder = Decoder(version_dir, params.onnx_model, num_slots=slots, max_len=params.max_model_len,
                       device=params.device, intra_op_threads=params.intra_op_threads or cpu_count(),
                       kv_cache_gpu_fraction=params.kv_cache_gpu_fraction,
-                      allow_spinning=bool(params.ort_allow_spinning), cpu_kernels=bool(params.cpu_kernels))
+                      allow_spinning=bool(params.ort_allow_spinning), cpu_kernels=bool(params.cpu_kernels),
+                      packed_decode=bool(params.packed_decode))
     eos = set(spec.eos_token_ids)
     if params.eos_token and tokenizer.token_to_id(params.eos_token) is not None:
         eos.add(tokenizer.token_to_id(params.eos_token))
