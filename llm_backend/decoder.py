@@ -145,7 +145,7 @@ def prepare_graph(onnx_path: Path, prefill_variant: bool, cpu_kernels: frozenset
        Calls of one row and one position (a decode step alone) then get a branch of
        their own, whose W8A8 products read weights that fit it (a 4-bit checkpoint's)
        as 4-bit codes into per-block tables, NibbleMatMul: the same logits bit for bit
-       from a quarter fewer bytes (`cpu_ops.use_nibble_matmul`; needs `kernel_library`).
+       from a third fewer bytes (`cpu_ops.use_nibble_matmul`; needs `kernel_library`).
     Falls back to the file unchanged when none of these applies.
     """
     import onnx
@@ -324,7 +324,7 @@ class Decoder:
 
     def _warm_up(self) -> None:
         """One decode step alone on row 0 (its KV is written before it is read again):
-        NibbleMatMul repacks its weights on its first call (~0.2 s for the default model),
+        NibbleMatMul repacks its weights on its first call (~0.25 s for the default model),
         better at load than in a request's first token."""
         t0 = time.perf_counter()
         try:

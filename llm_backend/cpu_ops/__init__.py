@@ -5,9 +5,8 @@ cache, once per source and CPU; where there is no compiler (the CPU image) it ta
 library built beforehand for an instruction set this CPU has, from `$LLM_KERNEL_DIR`
 (`python -m llm_backend.cpu_ops prebuild DIR`, a stage of the Dockerfile).
 `fuse_row_quantize`, `use_group_attention` and `use_nibble_matmul` rewrite a graph to
-use them. All of it
-is optional: without a library the engine serves the graph as exported (the same
-numbers for RowQuantize, more nodes), and says why in its log. Standard library only
+use them. All of it is optional: without a library the engine serves the graph as
+exported (the same numbers for RowQuantize, more nodes), and says why in its log. Standard library only
 at import (the image's build stage has no numpy).
 """
 from __future__ import annotations
@@ -78,7 +77,8 @@ def build(lib: Path, march: str) -> None:
         objects = []
         for src in sorted(SOURCES.glob("*.c")):
             obj = Path(tmp) / f"{src.stem}.o"
-            subprocess.run(["gcc", *MARCH_FLAGS.get(march, [f"-march={march}"]), *FLAGS, *SOURCE_FLAGS.get(src.name, []), "-c", str(src),
+            march_flags = MARCH_FLAGS.get(march, [f"-march={march}"])
+            subprocess.run(["gcc", *march_flags, *FLAGS, *SOURCE_FLAGS.get(src.name, []), "-c", str(src),
                             "-o", str(obj)], check=True, capture_output=True, text=True, timeout=120)
             objects.append(str(obj))
         built = Path(tmp) / lib.name
@@ -248,7 +248,6 @@ def use_group_attention(graph, head_size: int, max_group: int = 4) -> int:
             domain=DOMAIN, name=f"{node.name}/GroupAttention", **node_attrs))
         replaced += 1
     return replaced
-
 
 
 def nibble_form(lib: Path, weight) -> str | None:

@@ -1,5 +1,5 @@
 /* NibbleMatMul (domain llm.kernels): W8A8's MatMulIntegerToFloat, the same integers and
-   the same float result, reading a quarter fewer bytes of weights.
+   the same float result, reading a third fewer bytes of weights.
 
    Inputs as MatMulIntegerToFloat's in the export: a uint8 [..., K], b int8 [K, N],
    a_scale float [1], b_scale float [N], a_zero_point uint8 [1];
