@@ -68,6 +68,35 @@ def int8_gemm_is_exact(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return line is None or bool(set(line.split(":", 1)[1].split()) & VNNI_FLAGS)
 
 
+# Weight formats whose rounding is far above float16's (W8A8, 4-bit)
+QUANTIZED_OPS = {"MatMulIntegerToFloat", "MatMulNBits", "DynamicQuantizeMatMul", "MatMulInteger"}
+KV_CACHE_DTYPES = ("auto", "float16", "float32")
+
+
+def kv_half_wanted(kv_cache_dtype: str, op_types: set[str]) -> bool:
+    """config.pbtxt `kv_cache_dtype`: "float16", "float32", or "auto": float16 for
+    quantized weights (its rounding is far below theirs: the next-token distribution
+    moved by ... nats, docs/engine.md), float32 for an fp32 export (whose greedy output
+    is held identical to transformers'). llama.cpp's KV is float16 by default too."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ModelLoadError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    if kv_cache_dtype == "auto":
+        return bool(op_types & QUANTIZED_OPS)
+    return kv_cache_dtype == "float16"
+
+
+def slots_in_budget(wanted: int, kv_cache_mb: int, row_bytes: int, max_len: int) -> int:
+    """KV slots of `row_bytes` (a sequence of `max_len` tokens) that `kv_cache_mb` holds,
+    at most `wanted`; all `wanted` when the budget is 0 (none set)."""
+    if kv_cache_mb <= 0:
+        return wanted
+    fit = kv_cache_mb * 2**20 // row_bytes
+    if fit < 1:
+        raise ModelLoadError(f"kv_cache_mb={kv_cache_mb} holds no sequence of max_model_len="
+                             f"{max_len} tokens ({row_bytes / 2**20:.1f} MB each)")
+    return min(wanted, fit)
+
+
 def graph_op_types(onnx_path: Path) -> set[str]:
     import onnx
 
@@ -123,7 +152,8 @@ def _pick_last_position(model) -> bool:
 
 
 def prepare_graph(onnx_path: Path, prefill_variant: bool, cpu_kernels: frozenset[str] = frozenset(),
-                  head_size: int = 0, kernel_library: Path | None = None) -> tuple[bytes | str, bytes | None]:
+                  head_size: int = 0, kernel_library: Path | None = None,
+                  kv_half: bool = False) -> tuple[bytes | str, bytes | None]:
     """(graph for decoding, graph for prefill or None when the same will do).
 
     1. LM head on one position per row only. The builder's graph computes logits for
@@ -141,7 +171,8 @@ def prepare_graph(onnx_path: Path, prefill_variant: bool, cpu_kernels: frozenset
        nodes) becomes one `RowQuantize` node that computes the same bytes
        (`cpu_ops.fuse_row_quantize`), and `GroupQueryAttention` becomes `GroupAttention`,
        which reads each key-value head's keys and values once for all its query heads
-       (`cpu_ops.use_group_attention`; the same attention within float rounding).
+       (`cpu_ops.use_group_attention`; the same attention within float rounding), and
+       with `kv_half` keeps them in float16 (the graph's KV inputs and outputs too).
        Calls of one row and one position (a decode step alone) then get a branch of
        their own, whose W8A8 products read weights that fit it (a 4-bit checkpoint's)
        as 4-bit codes into per-block tables, NibbleMatMul: the same logits bit for bit
@@ -155,7 +186,7 @@ def prepare_graph(onnx_path: Path, prefill_variant: bool, cpu_kernels: frozenset
     g = model.graph
     sliced = _pick_last_position(model)
     fused = fuse_row_quantize(g) if "RowQuantize" in cpu_kernels else 0
-    attention = use_group_attention(g, head_size) if "GroupAttention" in cpu_kernels else 0
+    attention = use_group_attention(g, head_size, kv_half=kv_half) if "GroupAttention" in cpu_kernels else 0
     nibble = (use_nibble_matmul(model, kernel_library, Path(onnx_path).parent)
               if "NibbleMatMul" in cpu_kernels and kernel_library is not None else 0)
     if fused or attention or nibble:
@@ -224,7 +255,7 @@ class Decoder:
     def __init__(self, model_dir: Path, onnx_model: str = "model.onnx", *, num_slots: int,
                  max_len: int, device: str = "cpu", intra_op_threads: int = 0,
                  kv_cache_gpu_fraction: float = 0.5, kv_cache_mb: int = 0, allow_spinning: bool = True,
-                 cpu_kernels: bool = True, packed_decode: bool = True):
+                 cpu_kernels: bool = True, packed_decode: bool = True, kv_cache_dtype: str = "auto"):
         import onnxruntime as ort
 
         model_dir = Path(model_dir)
@@ -234,7 +265,9 @@ class Decoder:
             raise ModelLoadError(f"missing ONNX model {onnx_path}")
         self.device = device
         self.kernel_library = None   # our CPU kernels' library (cpu_ops/), when loaded
-        if device == "cpu" and not int8_gemm_is_exact() and "MatMulIntegerToFloat" in graph_op_types(onnx_path):
+        op_types = graph_op_types(onnx_path)
+        kv_half = kv_half_wanted(kv_cache_dtype, op_types)   # on the CPU, where our attention kernel runs
+        if device == "cpu" and not int8_gemm_is_exact() and "MatMulIntegerToFloat" in op_types:
             raise ModelLoadError(f"{onnx_path} is a W8A8 export, and this CPU has no VNNI (AVX512-VNNI, "
                                  "AVX-VNNI or AMX): onnxruntime's int8 GEMM would saturate and give wrong "
                                  "results here. Serve an int4 or fp32 export on this machine.")
@@ -263,7 +296,7 @@ class Decoder:
                 kernel_ops -= {"NibbleMatMul"}
             decode_graph, prefill_graph = prepare_graph(onnx_path, prefill_variant=device == "cpu",
                                                         cpu_kernels=kernel_ops, head_size=self.spec.head_size,
-                                                        kernel_library=self.kernel_library)
+                                                        kernel_library=self.kernel_library, kv_half=kv_half)
             try:
                 self.session = ort.InferenceSession(decode_graph, so, providers=providers)
             except Exception as err:  # noqa: BLE001 - our kernels' graph refused: serve it as exported
@@ -300,6 +333,8 @@ class Decoder:
         self.row_bytes = sp.row_bytes(max_len, np.dtype(self.kv_dtype).itemsize)
         if device == "cuda":
             num_slots = self._gpu_slots(num_slots, kv_cache_gpu_fraction)
+        else:
+            num_slots = slots_in_budget(num_slots, kv_cache_mb, self.row_bytes, max_len)
         self.num_slots = num_slots
         self._alloc(num_slots)
         self._bindings: dict[tuple[int, int, int], object] = {}
@@ -316,9 +351,9 @@ class Decoder:
         # request's first token must come from its prompt alone, whatever else runs.
         self._picks_position = LAST_INDEX in names
         self.batched_prefill = self._picks_position and self.prefill_session is self.session
-        log.info("decoder: %s, %d layers, %d slots x %d tokens (%.0f MB KV), %d threads, %s",
-                 onnx_path, sp.num_layers, num_slots, max_len,
-                 num_slots * self.row_bytes / 2**20, threads, self.session.get_providers()[0])
+        log.info("decoder: %s, %d layers, %d slots x %d tokens (%.0f MB KV, %s), %d threads, %s",
+                 onnx_path, sp.num_layers, num_slots, max_len, num_slots * self.row_bytes / 2**20,
+                 np.dtype(self.kv_dtype).name, threads, self.session.get_providers()[0])
         if "NibbleMatMul" in kernel_ops:
             self._warm_up()
 

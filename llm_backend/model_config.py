@@ -57,6 +57,8 @@ class EngineParams:
     max_num_seqs: int = 16                 # sequences decoded together (KV slots)
     max_model_len: int = 2048              # prompt + generated tokens per sequence
     kv_cache_mb: int = 0                   # CPU KV budget; 0 = max_num_seqs * max_model_len
+    kv_cache_dtype: str = "auto"           # CPU KV: float16 | float32 | auto (float16 for quantized weights,
+                                           # float32 for fp32 ones); float16 needs our attention kernel
     kv_cache_gpu_fraction: float = 0.5     # GPU: fraction of free device memory for KV
     max_queue_size: int = 64               # requests waiting for a slot; beyond -> UNAVAILABLE
     prefill_chunk: int = 128               # prompt tokens per engine step (interleaved with decode)

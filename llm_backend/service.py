@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .decoder import Decoder, DecoderSpec, ModelLoadError, cpu_count
+from .decoder import Decoder, DecoderSpec, ModelLoadError, cpu_count, slots_in_budget
 from .engine_core import EngineCore, EngineThread
 from .kv_cache_manager import KVCacheManager
 from .metrics import Metrics
@@ -33,14 +33,9 @@ def load_tokenizer(version_dir: Path):
 
 
 def kv_slots(params: EngineParams, row_bytes: int) -> int:
-    """Slots of max_model_len tokens that the CPU KV budget holds."""
-    if params.kv_cache_mb <= 0:
-        return params.max_num_seqs
-    fit = params.kv_cache_mb * 2**20 // row_bytes
-    if fit < 1:
-        raise ModelLoadError(f"kv_cache_mb={params.kv_cache_mb} holds no sequence of max_model_len="
-                             f"{params.max_model_len} tokens ({row_bytes / 2**20:.1f} MB each)")
-    return min(params.max_num_seqs, fit)
+    """Slots of max_model_len tokens that the CPU KV budget holds (the decoder applies
+    it with its KV's own element size)."""
+    return slots_in_budget(params.max_num_seqs, params.kv_cache_mb, row_bytes, params.max_model_len)
 
 
 def build_core(decoder, tokenizer, outbox: Responder, *, max_model_len: int, max_queue_size: int,
@@ -81,12 +76,11 @@ def load_engine(version_dir: Path, params: EngineParams, metrics=None) -> tuple[
     if spec.context_length and params.max_model_len > spec.context_length:
         raise ModelLoadError(f"max_model_len={params.max_model_len} exceeds the model's context "
                              f"length {spec.context_length}")
-    slots = params.max_num_seqs if params.device == "cuda" else kv_slots(params, spec.row_bytes(params.max_model_len))
-    decoder = Decoder(version_dir, params.onnx_model, num_slots=slots, max_len=params.max_model_len,
+    decoder = Decoder(version_dir, params.onnx_model, num_slots=params.max_num_seqs, max_len=params.max_model_len,
                       device=params.device, intra_op_threads=params.intra_op_threads or cpu_count(),
-                      kv_cache_gpu_fraction=params.kv_cache_gpu_fraction,
+                      kv_cache_gpu_fraction=params.kv_cache_gpu_fraction, kv_cache_mb=params.kv_cache_mb,
                       allow_spinning=bool(params.ort_allow_spinning), cpu_kernels=bool(params.cpu_kernels),
-                      packed_decode=bool(params.packed_decode))
+                      packed_decode=bool(params.packed_decode), kv_cache_dtype=params.kv_cache_dtype)
     eos = set(spec.eos_token_ids)
     if params.eos_token and tokenizer.token_to_id(params.eos_token) is not None:
         eos.add(tokenizer.token_to_id(params.eos_token))

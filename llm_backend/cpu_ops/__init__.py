@@ -217,18 +217,21 @@ _GQA_ATTRIBUTES = {"num_heads": None, "kv_num_heads": None, "scale": None, "do_r
                    "smooth_softmax": {0}, "qk_output": {0}}
 
 
-def use_group_attention(graph, head_size: int, max_group: int = 4) -> int:
+def use_group_attention(graph, head_size: int, max_group: int = 4, kv_half: bool = False) -> int:
     """Replace each GroupQueryAttention node that GroupAttention computes the same way
     (packed QKV, rotary on q and k by half-rotation, fp32 KV, no window, softcap, bias or
     sinks; rotary over the whole head; heads of 64, at most 4 query heads per key-value
     head) by a GroupAttention node; returns how many were replaced. `head_size`: the
     model's (genai_config.json), as the graph's shapes are symbolic. Others are left
-    alone."""
+    alone. `kv_half`: the KV buffers become float16 (the graph's past inputs and present
+    outputs), where every attention node was replaced and its KV is the graph's own
+    (read by nothing else): half the bytes a decode step streams, and twice the
+    sequences in a KV budget."""
     from onnx import TensorProto, helper
 
     float_inputs = {i.name for i in graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT}
     dims = {t.name: list(t.dims) for t in graph.initializer}   # the cos/sin tables among them
-    replaced = 0
+    replaced, kv_names, kept = [], set(), 0
     for i, node in enumerate(graph.node):
         if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
             continue
@@ -241,13 +244,24 @@ def use_group_attention(graph, head_size: int, max_group: int = 4) -> int:
                 or not (ins[3] in float_inputs and ins[4] in float_inputs)
                 or dims.get(ins[7], [0, 0])[1] * 2 != head_size or dims.get(ins[8]) != dims.get(ins[7])
                 or head_size != 64 or not kv_heads or heads % kv_heads or heads // kv_heads > max_group):
+            kept += 1
             continue
         node_attrs = {"num_heads": int(heads), **({"scale": float(attrs["scale"])} if attrs.get("scale") else {})}
         graph.node[i].CopyFrom(helper.make_node(
             "GroupAttention", [ins[0], ins[3], ins[4], ins[5], ins[6], ins[7], ins[8]], list(node.output),
             domain=DOMAIN, name=f"{node.name}/GroupAttention", **node_attrs))
-        replaced += 1
-    return replaced
+        replaced.append(graph.node[i])
+        kv_names.update([ins[3], ins[4], *node.output[1:3]])
+    if kv_half and replaced and not kept:
+        readers = [name for n in graph.node for name in n.input]
+        graph_outputs = {o.name: o for o in graph.output}
+        own = all(readers.count(n.input[1]) == 1 and readers.count(n.input[2]) == 1
+                  and all(o in graph_outputs and o not in readers for o in n.output[1:3]) for n in replaced)
+        if own:
+            for value in [*graph.input, *graph.output]:
+                if value.name in kv_names:
+                    value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return len(replaced)
 
 
 def nibble_form(lib: Path, weight) -> str | None:

@@ -5,7 +5,8 @@
 
 ApiTable api;
 ApiTable api_with_parallel_for;
-extern OpTable *const row_quantize_op, *const group_attention_op, *const nibble_matmul_op;   /* 0 where not built */
+extern OpTable *const row_quantize_op, *const group_attention_op, *const group_attention_half_op,
+    *const nibble_matmul_op;   /* 0 where not built */
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -13,6 +14,7 @@ static size_t available(OpTable **ops) {
     size_t n = 0;
     if (row_quantize_op) ops[n++] = row_quantize_op;
     if (group_attention_op) ops[n++] = group_attention_op;
+    if (group_attention_half_op) ops[n++] = group_attention_half_op;   /* the same name, float16 KV */
     if (nibble_matmul_op) ops[n++] = nibble_matmul_op;
     return n;
 }
@@ -24,6 +26,7 @@ EXPORT const char *llm_kernel_ops(void) {
     size_t n = available(ops);
     names[0] = 0;
     for (size_t i = 0; i < n; i++) {
+        if (i && !strcmp(ops[i]->name(ops[i]), ops[i - 1]->name(ops[i - 1]))) continue;   /* kernels of one op */
         if (i) strcat(names, ",");
         strcat(names, ops[i]->name(ops[i]));
     }

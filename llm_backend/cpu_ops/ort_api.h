@@ -20,7 +20,7 @@ enum { INFO_ATTRIBUTE_FLOAT = 85, INFO_ATTRIBUTE_INT64 = 86, CREATE_DOMAIN = 26,
        RELEASE_TYPE_AND_SHAPE = 99, PARALLEL_FOR = 274 };
 enum { PARALLEL_FOR_VERSION = 17 };
 /* ONNX element types an op declares for its inputs and outputs */
-enum { ELEM_FLOAT = 1, ELEM_UINT8 = 2, ELEM_INT8 = 3, ELEM_INT32 = 6 };
+enum { ELEM_FLOAT = 1, ELEM_UINT8 = 2, ELEM_INT8 = 3, ELEM_INT32 = 6, ELEM_FLOAT16 = 10 };
 
 typedef struct OpTable {
     uint32_t version;

@@ -356,6 +356,87 @@ def test_group_attention_refuses_what_it_cannot_take(library):
     assert np.isfinite(out[0]).all() and (kc[0, :, 3:5] != 3.0).all()
 
 
+def _half_kv_graph(heads: int = H):
+    model = _attention_graph(False, heads)
+    assert cpu_ops.use_group_attention(model.graph, D, kv_half=True) == 1
+    kv_types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)
+                if v.name.startswith(("past", "present"))}
+    assert set(kv_types.values()) == {TensorProto.FLOAT16} and len(kv_types) == 4
+    return model
+
+
+def _run_half(sess, qkv, kc, vc, seqlens, total):
+    """One call with float16 KV buffers bound as past and present (the engine's way)."""
+    b = sess.io_binding()
+    b.bind_output("out", "cpu")
+    for name, value in (("qkv", qkv), ("seqlens_k", np.asarray(seqlens, np.int32)), ("total", np.array(total, np.int32))):
+        b.bind_cpu_input(name, value)
+    for past, present, arr in (("past_key", "present_key", kc), ("past_value", "present_value", vc)):
+        b.bind_input(past, "cpu", 0, np.float16, list(arr.shape), arr.ctypes.data)
+        b.bind_output(present, "cpu", 0, np.float16, list(arr.shape), arr.ctypes.data)
+    sess.run_with_iobinding(b)
+    return b.get_outputs()[0].numpy()
+
+
+@pytest.mark.parametrize("heads", [H, 3])
+def test_float16_kv_holds_the_float_kv_rounded_and_attends_alike(library, heads):
+    """The same calls as above on float KV and on float16 KV (two kernels of the one op,
+    picked by the graph's KV type): the float16 buffers hold the keys and values the float
+    kernel wrote, rounded to nearest, bit for bit; the outputs agree within that rounding."""
+    rng = np.random.default_rng(5)
+    full_s, half_s = _session(_attention_graph(True, heads), library), _session(_half_kv_graph(heads), library)
+    width = (heads + 2 * HKV) * D
+    full = [np.zeros((3, HKV, M, D), np.float32) for _ in range(2)]
+    half = [np.zeros((3, HKV, M, D), np.float16) for _ in range(2)]
+
+    def call(qkv, seqlens, total, real):
+        want = _run_attention(full_s, qkv, *full, np.asarray(seqlens, np.int32), total, shared=True)[0]
+        got = _run_half(half_s, qkv, *half, seqlens, total)
+        for b, n in enumerate(real):
+            end = int(seqlens[b]) + 1
+            for f, h in zip(full, half):
+                assert np.array_equal(h[b, :, :end], f[b, :, :end].astype(np.float16)), f"row {b} KV"
+            assert np.allclose(got[b, :n], want[b, :n], rtol=1e-2, atol=4e-3), f"row {b} output"
+            assert not np.array_equal(got[b, :n], want[b, :n]) or end == 1, "float16 KV read as float"
+
+    lens = [7, 3, 5]
+    call(rng.standard_normal((3, 7, width), dtype=np.float32), [n - 1 for n in lens], 7, lens)
+    for _ in range(4):
+        call(rng.standard_normal((3, 1, width), dtype=np.float32), lens, max(lens) + 1, [1, 1, 1])
+        lens = [n + 1 for n in lens]
+
+
+def test_float16_kv_clamps_what_it_cannot_hold_and_keeps_nan(library):
+    """Keys and values beyond float16's range are stored as +-65504, not infinity (which
+    would turn every later softmax into NaN); a NaN stays NaN, and the Decoder then fails
+    the call instead of sampling from it."""
+    sess = _session(_half_kv_graph(), library)
+    qkv = np.zeros((1, 1, (H + 2 * HKV) * D), np.float32)
+    v = qkv[0, 0, (H + HKV) * D:]
+    v[0], v[1], v[2] = 1e6, -1e6, np.nan
+    kc, vc = (np.zeros((1, HKV, M, D), np.float16) for _ in range(2))
+    out = _run_half(sess, qkv, kc, vc, [0], 1)
+    assert vc[0, 0, 0, 0] == 65504 and vc[0, 0, 0, 1] == -65504 and np.isnan(vc[0, 0, 0, 2])
+    assert np.isfinite(kc).all() and out[0, 0, 0] == 65504 and np.isnan(out[0, 0, 2])   # one position: v itself
+    assert np.isfinite(out[0, 0, 3 * D:]).all()              # heads of the other key-value heads
+
+
+def test_float16_kv_only_where_every_attention_owns_its_kv():
+    """kv_half changes the graph's KV types only when every attention node was replaced
+    and nothing else reads its KV; otherwise the KV stays float."""
+    model = _attention_graph(False)
+    model.graph.node.append(helper.make_node("Identity", ["past_key"], ["peek"]))
+    model.graph.output.append(helper.make_tensor_value_info("peek", TensorProto.FLOAT, None))
+    assert cpu_ops.use_group_attention(model.graph, D, kv_half=True) == 1
+    assert {v.type.tensor_type.elem_type for v in model.graph.input if v.name.startswith("past")} == {TensorProto.FLOAT}
+    model = _attention_graph(False)
+    kept = helper.make_node("GroupQueryAttention", model.graph.node[0].input, ["o2", "k2", "v2"],
+                            domain="com.microsoft", num_heads=H, kv_num_heads=HKV, do_rotary=1, softcap=30.0)
+    model.graph.node.append(kept)                   # one it does not compute: all KV stays float
+    assert cpu_ops.use_group_attention(model.graph, D, kv_half=True) == 1
+    assert {v.type.tensor_type.elem_type for v in model.graph.input if v.name.startswith("past")} == {TensorProto.FLOAT}
+
+
 def test_only_attention_nodes_it_computes_the_same_way_are_replaced():
     for attr, value in (("softcap", 30.0), ("local_window_size", 16), ("rotary_interleaved", 1), ("do_rotary", 0)):
         model = _attention_graph(False)
@@ -506,3 +587,36 @@ def test_the_one_row_branch_gives_the_default_exports_logits_bit_for_bit(tmp_pat
     assert np.array_equal(nibble.prefill_batch(0, prompts), plain.prefill_batch(0, prompts))   # else-branch
     lengths, tokens = np.array([len(p) for p in prompts]), np.array([5, 6, 7])
     assert np.array_equal(nibble.decode(tokens, lengths), plain.decode(tokens, lengths))
+
+
+@pytest.mark.slow
+def test_quantized_exports_keep_float16_kv_and_fit_twice_the_sequences(tmp_path, library):
+    """kv_cache_dtype "auto": float16 KV for the W8A8 export (half a slot's bytes: a
+    budget holds twice the sequences), float KV for the fp32 one (held identical to
+    transformers). Rows stay independent with float16 KV: a batched prefill and a step
+    of three rows give each row what it gets alone."""
+    from llm_backend.decoder import Decoder, ModelLoadError, int8_gemm_is_exact
+    from stack.default_model import ensure_default_model
+
+    if not int8_gemm_is_exact() or "GroupAttention" not in cpu_ops.ops(library):
+        pytest.skip("no VNNI or AVX-512 here")
+    version = ensure_default_model(tmp_path / "repo", precision="w8a8") / "1"
+    half = Decoder(version, num_slots=16, max_len=512, intra_op_threads=2, kv_cache_mb=100)
+    full = Decoder(version, num_slots=16, max_len=512, intra_op_threads=2, kv_cache_mb=100, kv_cache_dtype="float32")
+    assert half.kv_dtype == np.float16 and full.kv_dtype == np.float32
+    assert half.row_bytes * 2 == full.row_bytes == 30 * 2 * 3 * 512 * 64 * 4
+    assert (half.num_slots, full.num_slots) == (8, 4)            # 100 MiB in slots of 11.25 and 22.5 MiB
+    with pytest.raises(ModelLoadError, match="kv_cache_dtype must be one of"):
+        Decoder(version, num_slots=1, max_len=64, kv_cache_dtype="fp8")
+
+    prompts = [list(range(1000 + 5 * i, 1030 + 3 * i)) for i in range(3)]
+    together = half.prefill_batch(0, prompts)
+    lengths, tokens = np.array([len(p) for p in prompts]), np.array([42, 7, 9])
+    step = half.decode(tokens, lengths)
+    for i, p in enumerate(prompts):
+        alone = Decoder(version, num_slots=1, max_len=64, intra_op_threads=2)
+        assert np.array_equal(alone.prefill_batch(0, [p])[0], together[i])
+        assert np.array_equal(alone.decode(tokens[i:i + 1], lengths[i:i + 1])[0], step[i])
+
+    fp32 = ensure_default_model(tmp_path / "fp32", precision="fp32") / "1"
+    assert Decoder(fp32, num_slots=1, max_len=64, intra_op_threads=2).kv_dtype == np.float32
