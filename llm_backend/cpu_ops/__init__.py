@@ -4,8 +4,8 @@
 cache, once per source and CPU; where there is no compiler (the CPU image) it takes a
 library built beforehand for an instruction set this CPU has, from `$LLM_KERNEL_DIR`
 (`python -m llm_backend.cpu_ops prebuild DIR`, a stage of the Dockerfile).
-`fuse_row_quantize`, `use_group_attention` and `use_nibble_matmul` rewrite a graph to
-use them. All of it is optional: without a library the engine serves the graph as
+`fuse_row_quantize`, `fuse_swiglu`, `use_group_attention` and `use_nibble_matmul`
+rewrite a graph to use them. All of it is optional: without a library the engine serves the graph as
 exported (the same numbers for RowQuantize, more nodes), and says why in its log. Standard library only
 at import (the image's build stage has no numpy).
 """
@@ -26,7 +26,7 @@ FLAGS = ["-O3", "-fno-math-errno", "-Wall", "-fPIC", "-fvisibility=hidden"]
 # Per source, on top of FLAGS. -ffast-math is for compiling only: linked with it, gcc adds
 # code that turns on flush-to-zero for the whole process. RowQuantize must not have it
 # (it divides exactly as onnxruntime does).
-SOURCE_FLAGS = {"group_attention.c": ["-ffast-math"]}
+SOURCE_FLAGS = {"group_attention.c": ["-ffast-math"], "swiglu.c": ["-ffast-math"]}
 # Prebuilt libraries, best first: the instruction set and the CPU flags it needs.
 # NibbleMatMul needs AVX-512 VNNI, which x86-64-v4 does not include.
 _V4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"}
@@ -149,6 +149,18 @@ def ops(lib: Path) -> set[str]:
     return set(filter(None, fn().decode().split(",")))
 
 
+def _drop_unread(graph, names: set[str]) -> None:
+    """Remove the initializers `names` (constants of nodes a rewrite removed) that nothing
+    reads any more: no node, subgraph, input or output of the graph."""
+    from onnx import AttributeProto
+
+    if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return
+    keep = {i for n in graph.node for i in n.input} | {v.name for v in (*graph.input, *graph.output)}
+    for t in [t for t in graph.initializer if t.name in names - keep]:
+        graph.initializer.remove(t)
+
+
 def fuse_row_quantize(graph) -> int:
     """Replace each W8A8 activation quantization (Abs, ReduceMax over the last axis,
     Div, QuantizeLinear with scale 1/127 and zero point 128; export/w8a8.py) by one
@@ -156,7 +168,7 @@ def fuse_row_quantize(graph) -> int:
     Chains whose intermediate results are read elsewhere, or whose constants differ,
     are left alone."""
     import numpy as np
-    from onnx import AttributeProto, TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     # the scalar and axes constants, stored in the graph (weights stay in their file)
     consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer
@@ -202,12 +214,68 @@ def fuse_row_quantize(graph) -> int:
     nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
     del graph.node[:]
     graph.node.extend(nodes)
-    # the constants the removed nodes read, when nothing else does (nor a subgraph, an
-    # input or an output of the graph)
-    if not any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
-        keep = {i for n in graph.node for i in n.input} | {v.name for v in (*graph.input, *graph.output)}
-        for t in [t for t in graph.initializer if t.name in constants - keep]:
-            graph.initializer.remove(t)
+    _drop_unread(graph, constants)
+    return len(replace)
+
+
+def fuse_swiglu(graph) -> int:
+    """Replace each W8A8 MLP gate (the fused gate-and-up product's row scale Mul, a Split
+    into two halves along the last axis, Sigmoid, and the two Muls of gate * sigmoid(gate)
+    * up; export/w8a8.py after the model builder) by one SwiGLU node; returns how many were
+    replaced. The scale must be a RowQuantize's m (one per row). Chains whose results are
+    read elsewhere are left alone."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in graph.output}
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer
+              if t.data_location != TensorProto.EXTERNAL and len(t.dims) == 1 and t.dims[0] <= 8}
+
+    def only(name, count=1):
+        return name not in graph_outputs and len(readers.get(name, [])) == count
+
+    def other(mul, name):
+        """The input of a two-input Mul that is not `name` (None if `name` is not one)."""
+        ins = list(mul.input)
+        return ins[1 - ins.index(name)] if len(ins) == 2 and name in ins else None
+
+    replace, drop, sizes_names = {}, set(), set()
+    for split in graph.node:
+        if split.op_type != "Split" or len(split.output) != 2 or len(split.input) != 2:
+            continue
+        axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+        sizes = consts.get(split.input[1])
+        scale = producer.get(split.input[0])
+        if (axis != -1 or sizes is None or len(sizes) != 2 or sizes[0] != sizes[1]
+                or scale is None or scale.op_type != "Mul" or not only(split.input[0])):
+            continue
+        m = next((i for i in scale.input if producer.get(i) is not None and producer[i].op_type == "RowQuantize"
+                  and producer[i].output[1] == i), None)
+        gate, up = split.output
+        y = other(scale, m) if m else None
+        if y is None or not only(gate, 2) or not only(up):
+            continue
+        sig = next((n for n in readers[gate] if n.op_type == "Sigmoid"), None)
+        act = next((n for n in readers[gate] if n.op_type == "Mul"), None)
+        if sig is None or act is None or other(act, gate) != sig.output[0] or not only(sig.output[0]):
+            continue
+        final = readers[up][0]
+        if final.op_type != "Mul" or other(final, up) != act.output[0] or not only(act.output[0]):
+            continue
+        fused = helper.make_node("SwiGLU", [y, m], [final.output[0]], domain=DOMAIN, name=f"{split.name}/SwiGLU")
+        replace[id(final)] = fused
+        drop.update({id(scale), id(split), id(sig), id(act)})
+        sizes_names.add(split.input[1])
+    if not replace:
+        return 0
+    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unread(graph, sizes_names)
     return len(replace)
 
 

@@ -6,7 +6,7 @@
 ApiTable api;
 ApiTable api_with_parallel_for;
 extern OpTable *const row_quantize_op, *const group_attention_op, *const group_attention_half_op,
-    *const nibble_matmul_op;   /* 0 where not built */
+    *const nibble_matmul_op, *const swiglu_op;   /* 0 where not built */
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -16,6 +16,7 @@ static size_t available(OpTable **ops) {
     if (group_attention_op) ops[n++] = group_attention_op;
     if (group_attention_half_op) ops[n++] = group_attention_half_op;   /* the same name, float16 KV */
     if (nibble_matmul_op) ops[n++] = nibble_matmul_op;
+    if (swiglu_op) ops[n++] = swiglu_op;
     return n;
 }
 

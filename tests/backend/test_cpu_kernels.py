@@ -143,6 +143,61 @@ def test_a_w8a8_graph_gives_the_same_output_with_the_kernels(library):
     assert np.array_equal(got, want) and np.abs(want).max() > 0
 
 
+def _swiglu_mlp(k: int = 64, n: int = 96, extra_reader: bool = False):
+    """A SwiGLU MLP as the model builder writes it (gate and up in one product, Split,
+    Sigmoid, two Muls, down) after export/w8a8.py's rewrite; h (the gate's result) is an
+    output too."""
+    rng = np.random.default_rng(4)
+    gate_up, down = rng.standard_normal((k, 2 * n)).astype(np.float32) * 0.3, rng.standard_normal((n, k)).astype(np.float32)
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("MatMul", ["x", "GU"], ["gu"]),
+             helper.make_node("Split", ["gu", "halves"], ["g", "u"], axis=-1),
+             helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["act"]),
+             helper.make_node("Mul", ["act", "u"], ["h"]), helper.make_node("MatMul", ["h", "DOWN"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", f, ["B", "S", k]), helper.make_tensor_value_info("h", f, ["B", "S", n])]
+    if extra_reader:
+        outputs.append(helper.make_tensor_value_info("sg", f, ["B", "S", n]))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", f, ["B", "S", k])], outputs,
+                              [numpy_helper.from_array(gate_up, "GU"), numpy_helper.from_array(down, "DOWN"),
+                               numpy_helper.from_array(np.array([n, n], np.int64), "halves")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    rewrite_w8a8(model)
+    return model
+
+
+def test_swiglu_computes_the_five_nodes_within_float_rounding(library):
+    """The gate after a W8A8 product: one SwiGLU node where there were the product's row
+    scale, Split, Sigmoid and two Muls (their split sizes gone with them); its result
+    within float rounding of theirs, rows at very different scales (one all zero, one
+    with gates far below and above the sigmoid's range) and more rows than one thread
+    takes; the next product reads it as it read theirs."""
+    exported = _swiglu_mlp()
+    fused = exported.__class__()
+    fused.CopyFrom(exported)
+    assert cpu_ops.fuse_row_quantize(fused.graph) == 2 and cpu_ops.fuse_swiglu(fused.graph) == 1
+    fused.opset_import.append(helper.make_opsetid(cpu_ops.DOMAIN, 1))
+    assert [n.op_type for n in fused.graph.node] == ["RowQuantize", "MatMulIntegerToFloat", "SwiGLU",
+                                                     "RowQuantize", "MatMulIntegerToFloat", "Mul"]   # down's scale
+    assert "halves" not in {t.name for t in fused.graph.initializer}
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 700, 64)).astype(np.float32)     # 2100 rows: over onnxruntime's threads
+    x[0, 1] = 0.0
+    x[1, 2] *= 1e4
+    want_y, want_h = _session(exported).run(None, {"x": x})
+    got_y, got_h = _session(fused, library).run(None, {"x": x})
+    assert np.allclose(got_h, want_h, rtol=1e-5, atol=1e-6 * np.abs(want_h).max())
+    assert np.isfinite(got_h).all() and (got_h[0, 1] == 0).all() and np.abs(got_h[1, 2]).max() > 1e4
+    assert np.allclose(got_y, want_y, rtol=1e-2, atol=1e-2 * np.abs(want_y).max())
+
+
+def test_swiglu_chains_read_elsewhere_are_left_alone():
+    model = _swiglu_mlp(extra_reader=True)
+    assert cpu_ops.fuse_row_quantize(model.graph) == 2
+    before = [n.op_type for n in model.graph.node]
+    assert cpu_ops.fuse_swiglu(model.graph) == 0
+    assert [n.op_type for n in model.graph.node] == before
+
+
 def test_loading_the_library_leaves_the_process_floating_point_mode_alone(library):
     """GroupAttention is compiled with -ffast-math; linked with it, gcc adds code that
     turns on flush-to-zero for the whole process that loads the library."""
@@ -226,6 +281,7 @@ def test_the_engine_serves_the_default_export_with_the_kernels(tmp_path, monkeyp
     ops = [n.op_type for n in onnx.load_from_string(graph).graph.node]
     assert ops.count("RowQuantize") == ops.count("MatMulIntegerToFloat") > 100 and "Abs" not in ops
     assert ops.count("GroupAttention") == 30 and "GroupQueryAttention" not in ops
+    assert ops.count("SwiGLU") == 30 and "Sigmoid" not in ops and "Split" not in ops
     exported = Decoder(version, num_slots=3, max_len=64, intra_op_threads=2, cpu_kernels=False)
     assert exported.kernel_library is None
     prompts = [list(range(1000 + 5 * i, 1030 + 3 * i)) for i in range(3)]
