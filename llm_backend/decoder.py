@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .cpu_ops import DOMAIN as CPU_KERNEL_DOMAIN
-from .cpu_ops import fuse_row_quantize, fuse_swiglu, use_group_attention, use_nibble_matmul
+from .cpu_ops import fuse_row_quantize, fuse_skip_norm_quantize, fuse_swiglu, use_group_attention, use_nibble_matmul
 from .cpu_ops import library as cpu_library
 from .cpu_ops import ops as cpu_library_ops
 
@@ -172,7 +172,9 @@ def prepare_graph(onnx_path: Path, prefill_variant: bool, cpu_kernels: frozenset
        nodes) becomes one `RowQuantize` node that computes the same bytes
        (`cpu_ops.fuse_row_quantize`); each MLP gate after W8A8's gate-and-up product
        (the product's row scale, Split, Sigmoid and two Muls) becomes one `SwiGLU` node
-       (`cpu_ops.fuse_swiglu`; the same within float rounding); `GroupQueryAttention`
+       (`cpu_ops.fuse_swiglu`; the same within float rounding); a product's row scale,
+       the residual's norm and the next quantization become one `SkipNormQuantize`
+       (`cpu_ops.fuse_skip_norm_quantize`; the same bytes); `GroupQueryAttention`
        becomes `GroupAttention`,
        which reads each key-value head's keys and values once for all its query heads
        (`cpu_ops.use_group_attention`; the same attention within float rounding), and
@@ -191,13 +193,15 @@ def prepare_graph(onnx_path: Path, prefill_variant: bool, cpu_kernels: frozenset
     sliced = _pick_last_position(model)
     fused = fuse_row_quantize(g) if "RowQuantize" in cpu_kernels else 0
     gates = fuse_swiglu(g) if "SwiGLU" in cpu_kernels and fused else 0   # reads RowQuantize's scale
+    norms = fuse_skip_norm_quantize(g) if "SkipNormQuantize" in cpu_kernels and fused else 0
     attention = use_group_attention(g, head_size, kv_half=kv_half) if "GroupAttention" in cpu_kernels else 0
     nibble = (use_nibble_matmul(model, kernel_library, Path(onnx_path).parent)
               if "NibbleMatMul" in cpu_kernels and kernel_library is not None else 0)
     if fused or attention or nibble:
         model.opset_import.append(helper.make_opsetid(CPU_KERNEL_DOMAIN, 1))
         log.info("decoder: our CPU kernels: %d RowQuantize nodes (each for four), %d SwiGLU nodes (each for five), "
-                 "%d GroupAttention nodes, %d NibbleMatMul products for one row", fused, gates, attention, nibble)
+                 "%d SkipNormQuantize nodes (each for three), %d GroupAttention nodes, %d NibbleMatMul products "
+                 "for one row", fused - norms, gates, norms, attention, nibble)
     elif not sliced:
         return str(onnx_path), None
     decode = model.SerializeToString()

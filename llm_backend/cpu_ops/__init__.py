@@ -4,8 +4,8 @@
 cache, once per source and CPU; where there is no compiler (the CPU image) it takes a
 library built beforehand for an instruction set this CPU has, from `$LLM_KERNEL_DIR`
 (`python -m llm_backend.cpu_ops prebuild DIR`, a stage of the Dockerfile).
-`fuse_row_quantize`, `fuse_swiglu`, `use_group_attention` and `use_nibble_matmul`
-rewrite a graph to use them. All of it is optional: without a library the engine serves the graph as
+`fuse_row_quantize`, `fuse_swiglu`, `fuse_skip_norm_quantize`, `use_group_attention` and
+`use_nibble_matmul` rewrite a graph to use them. All of it is optional: without a library the engine serves the graph as
 exported (the same numbers for RowQuantize, more nodes), and says why in its log. Standard library only
 at import (the image's build stage has no numpy).
 """
@@ -25,8 +25,9 @@ SOURCES = Path(__file__).parent
 FLAGS = ["-O3", "-fno-math-errno", "-Wall", "-fPIC", "-fvisibility=hidden"]
 # Per source, on top of FLAGS. -ffast-math is for compiling only: linked with it, gcc adds
 # code that turns on flush-to-zero for the whole process. RowQuantize must not have it
-# (it divides exactly as onnxruntime does).
-SOURCE_FLAGS = {"group_attention.c": ["-ffast-math"], "swiglu.c": ["-ffast-math"]}
+# (it divides exactly as onnxruntime does), nor fused multiply-adds (SkipNormQuantize).
+SOURCE_FLAGS = {"group_attention.c": ["-ffast-math"], "swiglu.c": ["-ffast-math"],
+                "row_quantize.c": ["-ffp-contract=off"]}   # SkipNormQuantize rounds as onnxruntime
 # Prebuilt libraries, best first: the instruction set and the CPU flags it needs.
 # NibbleMatMul needs AVX-512 VNNI, which x86-64-v4 does not include.
 _V4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma", "bmi2"}
@@ -276,6 +277,68 @@ def fuse_swiglu(graph) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     _drop_unread(graph, sizes_names)
+    return len(replace)
+
+
+def fuse_skip_norm_quantize(graph) -> int:
+    """Replace each W8A8 product's row scale Mul, the SkipSimplifiedLayerNormalization it
+    feeds (the residual) and the RowQuantize of the normed row by one SkipNormQuantize node
+    with the same results (the quantized row, its scale, the sum as the next residual);
+    returns how many were replaced. Run after fuse_row_quantize. Norms whose normed row is
+    read by anything else (the last one, whose row goes to the head's position pick), or
+    with a bias or beta, are left alone."""
+    from onnx import helper
+
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in graph.output}
+
+    def only_reader(name):
+        r = readers.get(name, [])
+        return r[0] if len(r) == 1 and name not in graph_outputs else None
+
+    def row_scale(name):
+        """(y, m) when `name` is a Mul of a product's output by a RowQuantize's m."""
+        mul = producer.get(name)
+        if mul is None or mul.op_type != "Mul" or len(mul.input) != 2:
+            return None
+        for i, m in enumerate(mul.input):
+            rq = producer.get(m)
+            if rq is not None and rq.op_type == "RowQuantize" and rq.domain == DOMAIN and rq.output[1] == m:
+                return mul, mul.input[1 - i], m
+        return None
+
+    replace, drop, fresh = {}, set(), 0
+    for norm in graph.node:
+        if (norm.op_type != "SkipSimplifiedLayerNormalization" or norm.domain != "com.microsoft"
+                or len(norm.input) != 3 or not norm.output or any(norm.output[1:3])):
+            continue
+        quant = only_reader(norm.output[0])
+        if quant is None or quant.op_type != "RowQuantize" or quant.domain != DOMAIN:
+            continue
+        for side in (1, 0):    # the builder passes the product as skip; either is a sum
+            found = row_scale(norm.input[side])
+            if found is not None and only_reader(norm.input[side]) is norm:
+                break
+        else:
+            continue
+        mul, y, m = found
+        residual = norm.input[1 - side]
+        total = norm.output[3] if len(norm.output) > 3 and norm.output[3] else f"{norm.name}/unused_sum{fresh}"
+        fresh += 1
+        epsilon = next((a.f for a in norm.attribute if a.name == "epsilon"), 1e-5)
+        replace[id(norm)] = helper.make_node("SkipNormQuantize", [residual, y, m, norm.input[2]],
+                                             [quant.output[0], quant.output[1], total], domain=DOMAIN,
+                                             name=f"{norm.name}/SkipNormQuantize", epsilon=epsilon)
+        drop.update({id(mul), id(quant)})
+    if not replace:
+        return 0
+    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(nodes)
     return len(replace)
 
 

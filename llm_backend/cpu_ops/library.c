@@ -6,13 +6,14 @@
 ApiTable api;
 ApiTable api_with_parallel_for;
 extern OpTable *const row_quantize_op, *const group_attention_op, *const group_attention_half_op,
-    *const nibble_matmul_op, *const swiglu_op;   /* 0 where not built */
+    *const nibble_matmul_op, *const swiglu_op, *const skip_norm_quantize_op;   /* 0 where not built */
 
 #define EXPORT __attribute__((visibility("default")))
 
 static size_t available(OpTable **ops) {
     size_t n = 0;
     if (row_quantize_op) ops[n++] = row_quantize_op;
+    if (skip_norm_quantize_op) ops[n++] = skip_norm_quantize_op;
     if (group_attention_op) ops[n++] = group_attention_op;
     if (group_attention_half_op) ops[n++] = group_attention_half_op;   /* the same name, float16 KV */
     if (nibble_matmul_op) ops[n++] = nibble_matmul_op;

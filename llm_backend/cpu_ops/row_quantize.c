@@ -6,8 +6,22 @@
    division for division, so the logits are bit for bit the same; one pass over the row
    instead of four nodes, each with onnxruntime's fixed cost per node. A row of zeros
    has m = 0: 0/0 gives q = 0 here as in QuantizeLinear, and the product's final x m
-   makes that row's output 0. */
+   makes that row's output 0.
+
+   SkipNormQuantize (the same domain), in this file as it ends in the same quantization:
+   a W8A8 product's row scale, the residual's SkipSimplifiedLayerNormalization and the
+   next product's quantization in one node instead of three:
+       x float [..., K] (residual), y float [..., K] (the product's unscaled output),
+       s float [..., 1] (its row scale), gamma float [K]; attribute epsilon
+       -> q uint8 [..., K], m float [..., 1] (as RowQuantize's, of the normed row),
+          sum float [..., K] (x + y * s, the next residual)
+   computed as onnxruntime's kernels do, operation for operation (the float product, the
+   sum, the squares added in order, sqrt(sum / K + epsilon), value / rms * gamma), so the
+   bytes are the same; compiled with -ffp-contract=off so that no product and sum fuse
+   into one rounding. */
 #include <math.h>
+#include <stdlib.h>
+#include <string.h>
 #include "ort_api.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -88,6 +102,82 @@ static void compute(void *kernel, void *context) {
     run_units(context, quantize_rows, (size_t)w.chunks, &w);
 }
 
+/* -- SkipNormQuantize ------------------------------------------------------------------ */
+
+typedef struct { float epsilon; } NormKernel;
+
+typedef struct {
+    const float *x, *y, *s, *gamma;
+    uint8_t *q;
+    float *m, *sum;
+    int64_t rows, k, chunks;
+    float epsilon;
+} NormWork;
+
+static void norm_rows(void *data, size_t chunk) {
+    const NormWork *w = data;
+    int64_t first = w->rows * (int64_t)chunk / w->chunks, last = w->rows * ((int64_t)chunk + 1) / w->chunks;
+    float *normed = malloc(sizeof(float) * (size_t)w->k);
+    for (int64_t r = first; r < last; r++) {
+        const float *x = w->x + r * w->k, *y = w->y + r * w->k;
+        float *sum = w->sum + r * w->k, s = w->s[r], squares = 0.f;
+        if (!normed) { w->m[r] = NAN; continue; }
+        for (int64_t i = 0; i < w->k; i++) {   /* in order, one rounding each, as onnxruntime */
+            float v = x[i] + y[i] * s;
+            sum[i] = v;
+            squares += v * v;
+        }
+        float rms = sqrtf(squares / (float)w->k + w->epsilon);
+        for (int64_t i = 0; i < w->k; i++) normed[i] = sum[i] / rms * w->gamma[i];
+        w->m[r] = absmax(normed, w->k);
+        quantize_row(normed, w->q + r * w->k, w->k, w->m[r]);
+    }
+    free(normed);
+}
+
+static void norm_compute(void *kernel, void *context) {
+    const NormKernel *kern = kernel;
+    const void *in[4];
+    int64_t dims[MAX_RANK], yd[MAX_RANK], sd[MAX_RANK], gd[MAX_RANK];
+    size_t n = 0, yn = 0, sn = 0, gn = 0;
+    for (int i = 0; i < 4; i++)
+        if (!(in[i] = input_of(context, (size_t)i))) return;
+    if (shape_of(in[0], dims, &n) || n < 1) return;
+    int64_t k = dims[n - 1], rows = 1, srows = 1;
+    for (size_t i = 0; i + 1 < n; i++) rows *= dims[i];
+    int ok = !shape_of(in[1], yd, &yn) && yn == n && !memcmp(yd, dims, n * sizeof(int64_t)) &&
+             !shape_of(in[2], sd, &sn) && sn >= 1 && sd[sn - 1] == 1 &&
+             !shape_of(in[3], gd, &gn) && gn == 1 && gd[0] == k;
+    for (size_t i = 0; ok && i < sn; i++) srows *= sd[i];
+    ok = ok && srows == rows;
+    void *q_out = output_of(context, 0, dims, n), *sum_out = output_of(context, 2, dims, n);
+    dims[n - 1] = 1;
+    void *m_out = output_of(context, 1, dims, n);
+    float *m = m_out ? data_of(m_out) : 0, *sum = sum_out ? data_of(sum_out) : 0;
+    uint8_t *q = q_out ? data_of(q_out) : 0;
+    if (!m) return;
+    const float *x = data_of(in[0]), *y = data_of(in[1]), *s = data_of(in[2]), *gamma = data_of(in[3]);
+    if (!ok || !q || !sum || !x || !y || !s || !gamma) {
+        for (int64_t r = 0; r < rows; r++) m[r] = NAN;   /* the product after it gives NaN rows */
+        return;
+    }
+    int64_t chunks = rows * k / CHUNK_ELEMENTS;
+    NormWork w = {x, y, s, gamma, q, m, sum, rows, k, chunks < 1 ? 1 : chunks < rows ? chunks : rows, kern->epsilon};
+    run_units(context, norm_rows, (size_t)w.chunks, &w);
+}
+
+static void *norm_create(const OpTable *op, const void *a, const void *info) {
+    (void)op; (void)a;
+    NormKernel *k = calloc(1, sizeof(NormKernel));
+    if (k && failed(((Status *(*)(const void *, const char *, float *))api[INFO_ATTRIBUTE_FLOAT])(info, "epsilon", &k->epsilon)))
+        k->epsilon = 1e-5f;   /* onnxruntime's requires it; the export always writes it */
+    return k;
+}
+static void norm_destroy(void *kernel) { free(kernel); }
+static const char *norm_name(const OpTable *op) { (void)op; return "SkipNormQuantize"; }
+static size_t norm_input_count(const OpTable *op) { (void)op; return 4; }
+static size_t norm_output_count(const OpTable *op) { (void)op; return 3; }
+
 static int kernel_instance;   /* the op keeps no state: every kernel is this one */
 static void *create_kernel(const OpTable *op, const void *a, const void *info) {
     (void)op; (void)a; (void)info;
@@ -103,3 +193,8 @@ static size_t output_count(const OpTable *op) { (void)op; return 2; }
 static OpTable op = {API_VERSION, create_kernel, name, op_on_cpu, input_type, input_count, output_type,
                      output_count, compute, destroy, op_required, op_required, op_default_memory};
 OpTable *const row_quantize_op = &op;
+
+static OpTable norm_op = {API_VERSION, norm_create, norm_name, op_on_cpu, input_type, norm_input_count,
+                          output_type, norm_output_count, norm_compute, norm_destroy, op_required, op_required,
+                          op_default_memory};
+OpTable *const skip_norm_quantize_op = &norm_op;

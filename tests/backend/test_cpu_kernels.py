@@ -198,6 +198,60 @@ def test_swiglu_chains_read_elsewhere_are_left_alone():
     assert [n.op_type for n in model.graph.node] == before
 
 
+def _residual_block(k: int, normed_reader: bool = False):
+    """x -> product -> the residual's SkipSimplifiedLayerNormalization -> product, as the
+    model builder writes a layer's seam, after export/w8a8.py's rewrite; the sum (the
+    next residual) and the second product are outputs."""
+    rng = np.random.default_rng(8)
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("SkipSimplifiedLayerNormalization", ["res", "h", "gamma"], ["n", "", "", "sum"],
+                              domain="com.microsoft", epsilon=1e-5, name="norm"),
+             helper.make_node("MatMul", ["n", "W2"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", f, ["B", "S", 32]), helper.make_tensor_value_info("sum", f, ["B", "S", k])]
+    if normed_reader:
+        outputs.append(helper.make_tensor_value_info("n", f, ["B", "S", k]))
+    graph = helper.make_graph(
+        nodes, "seam", [helper.make_tensor_value_info("x", f, ["B", "S", 48]), helper.make_tensor_value_info("res", f, ["B", "S", k])],
+        outputs, [numpy_helper.from_array(rng.standard_normal((48, k)).astype(np.float32), "W1"),
+                  numpy_helper.from_array(rng.standard_normal((k, 32)).astype(np.float32), "W2"),
+                  numpy_helper.from_array((rng.random(k) + 0.5).astype(np.float32), "gamma")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    rewrite_w8a8(model)
+    return model
+
+
+@pytest.mark.parametrize("k", [576, 1536, 40])
+def test_skip_norm_quantize_gives_the_same_bytes_as_the_three_nodes(library, k):
+    """A product's row scale, the residual's norm and the next quantization in one node:
+    the next product's output and the residual sum equal the exported graph's bit for bit,
+    on rows of very different scales (one all zero, one with an outlier) and more rows than
+    one thread takes."""
+    exported = _residual_block(k)
+    fused = exported.__class__()
+    fused.CopyFrom(exported)
+    assert cpu_ops.fuse_row_quantize(fused.graph) == 2 and cpu_ops.fuse_skip_norm_quantize(fused.graph) == 1
+    fused.opset_import.append(helper.make_opsetid(cpu_ops.DOMAIN, 1))
+    assert [n.op_type for n in fused.graph.node] == ["RowQuantize", "MatMulIntegerToFloat", "SkipNormQuantize",
+                                                     "MatMulIntegerToFloat", "Mul"]
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 600, 48)).astype(np.float32)
+    res = rng.standard_normal((2, 600, k)).astype(np.float32) * 3
+    x[0, 1], res[0, 1] = 0.0, 0.0
+    x[1, 2] *= 1e3
+    res[1, 3, 0] = 1e4
+    want = _session(exported).run(None, {"x": x, "res": res})
+    got = _session(fused, library).run(None, {"x": x, "res": res})
+    for w, g in zip(want, got):
+        assert np.array_equal(g, w) and np.abs(w).max() > 0
+
+
+def test_skip_norm_quantize_leaves_a_norm_read_elsewhere_alone():
+    model = _residual_block(64, normed_reader=True)
+    assert cpu_ops.fuse_row_quantize(model.graph) == 2
+    assert cpu_ops.fuse_skip_norm_quantize(model.graph) == 0
+
+
 def test_loading_the_library_leaves_the_process_floating_point_mode_alone(library):
     """GroupAttention is compiled with -ffast-math; linked with it, gcc adds code that
     turns on flush-to-zero for the whole process that loads the library."""
@@ -264,8 +318,9 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_the_engine_serves_the_default_export_with_the_kernels(tmp_path, monkeypatch, library):
     """The Decoder the backend serves with. W8A8: each of the 121 quantizations is one
-    node, each attention a GroupAttention, and with RowQuantize alone the logits are the
-    exported graph's bit for bit. fp32: GroupAttention gives the exported graph's logits
+    node (with the norm before it where there is one), each attention a GroupAttention,
+    each MLP gate a SwiGLU, and with the two exact kernels alone (RowQuantize,
+    SkipNormQuantize) the logits are the exported graph's bit for bit. fp32: GroupAttention gives the exported graph's logits
     within float rounding. Without gcc the exported graph is loaded."""
     import onnx
 
@@ -279,15 +334,18 @@ def test_the_engine_serves_the_default_export_with_the_kernels(tmp_path, monkeyp
     graph, _ = prepare_graph(version / "model.onnx", prefill_variant=True,
                              cpu_kernels=frozenset(cpu_ops.ops(library)), head_size=64)
     ops = [n.op_type for n in onnx.load_from_string(graph).graph.node]
-    assert ops.count("RowQuantize") == ops.count("MatMulIntegerToFloat") > 100 and "Abs" not in ops
+    # each product's quantization is one node: a RowQuantize, or the SkipNormQuantize of its norm
+    assert ops.count("RowQuantize") + ops.count("SkipNormQuantize") == ops.count("MatMulIntegerToFloat") > 100
+    assert "Abs" not in ops
     assert ops.count("GroupAttention") == 30 and "GroupQueryAttention" not in ops
     assert ops.count("SwiGLU") == 30 and "Sigmoid" not in ops and "Split" not in ops
+    assert ops.count("SkipNormQuantize") == 59 and ops.count("SkipSimplifiedLayerNormalization") == 1   # the last
     exported = Decoder(version, num_slots=3, max_len=64, intra_op_threads=2, cpu_kernels=False)
     assert exported.kernel_library is None
     prompts = [list(range(1000 + 5 * i, 1030 + 3 * i)) for i in range(3)]
     lengths, tokens = np.array([len(p) for p in prompts]), np.array([42, 7, 9])
-    monkeypatch.setattr(decoder, "cpu_library_ops", lambda lib: {"RowQuantize"})
-    quantize_only = Decoder(version, num_slots=3, max_len=64, intra_op_threads=2)
+    monkeypatch.setattr(decoder, "cpu_library_ops", lambda lib: {"RowQuantize", "SkipNormQuantize"})
+    quantize_only = Decoder(version, num_slots=3, max_len=64, intra_op_threads=2)   # the two exact ones
     assert quantize_only.kernel_library is not None
     assert np.array_equal(quantize_only.prefill_batch(0, prompts), exported.prefill_batch(0, prompts))
     assert np.array_equal(quantize_only.decode(tokens, lengths), exported.decode(tokens, lengths))
