@@ -274,7 +274,10 @@ class Decoder:
             raise ModelLoadError(f"missing ONNX model {onnx_path}")
         self.device = device
         self.kernel_library = None   # our CPU kernels' library (cpu_ops/), when loaded
-        op_types = graph_op_types(onnx_path)
+        try:
+            op_types = graph_op_types(onnx_path)
+        except Exception as err:  # onnx raises protobuf's own errors for a file that is not a model
+            raise ModelLoadError(f"onnxruntime cannot load {onnx_path}: {err!r}") from err
         kv_half = kv_half_wanted(kv_cache_dtype, op_types)   # on the CPU, where our attention kernel runs
         if device == "cpu" and not int8_gemm_is_exact() and "MatMulIntegerToFloat" in op_types:
             raise ModelLoadError(f"{onnx_path} is a W8A8 export, and this CPU has no VNNI (AVX512-VNNI, "
