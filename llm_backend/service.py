@@ -32,6 +32,11 @@ def load_tokenizer(version_dir: Path):
         raise ModelLoadError(f"cannot read {path}: {err}") from err
 
 
+# A client that left is seen within this long (and one step): each poll of a request is an
+# IPC round trip to Triton (responder.py).
+CANCEL_POLL_INTERVAL_S = 0.05
+
+
 def kv_slots(params: EngineParams, row_bytes: int) -> int:
     """Slots of max_model_len tokens that the CPU KV budget holds (the decoder applies
     it with its KV's own element size)."""
@@ -84,7 +89,7 @@ def load_engine(version_dir: Path, params: EngineParams, metrics=None) -> tuple[
     eos = set(spec.eos_token_ids)
     if params.eos_token and tokenizer.token_to_id(params.eos_token) is not None:
         eos.add(tokenizer.token_to_id(params.eos_token))
-    core = build_core(decoder, tokenizer, Responder(), max_model_len=params.max_model_len,
+    core = build_core(decoder, tokenizer, Responder(poll_interval=CANCEL_POLL_INTERVAL_S), max_model_len=params.max_model_len,
                       max_queue_size=params.max_queue_size, prefill_chunk=params.prefill_chunk,
                       prefix_cache=PrefixCache(params.prefix_cache_mb * 2**20),
                       metrics=metrics, eos_token_ids=sorted(eos), stream_interval=params.stream_interval,

@@ -12,7 +12,7 @@ import numpy as np
 from llm_backend.prefix_cache import PrefixCache
 from llm_backend.protocol import parse_request
 from llm_backend.responder import Responder
-from llm_backend.service import build_core, start_engine
+from llm_backend.service import CANCEL_POLL_INTERVAL_S, build_core, start_engine
 
 
 class ByteTokenizer:
@@ -217,6 +217,8 @@ def engine(tokenizer=None, dec=None, chars_per_token=None, **kw):
     tokenizer workers."""
     opts = dict(max_model_len=64, max_queue_size=4, prefill_chunk=8, prefix_cache=PrefixCache(0))
     opts.update(kw)
-    c = build_core(dec or FakeDecoder(), tokenizer or ByteTokenizer(), Responder(), **opts)
+    # the production outbox: cancellation polled at most every CANCEL_POLL_INTERVAL_S
+    c = build_core(dec or FakeDecoder(), tokenizer or ByteTokenizer(), Responder(poll_interval=CANCEL_POLL_INTERVAL_S),
+                   **opts)
     return start_engine(c, tokenizer or ByteTokenizer(), chars_per_token=chars_per_token, tokenize_workers=2,
                         idle_wait=0.01)

@@ -494,6 +494,26 @@ def test_the_responder_queues_one_cancellation_poll_at_a_time():
     assert r.q.qsize() == 1                                # the next step queues a new one
 
 
+def test_cancellation_polls_are_spaced_by_the_poll_interval():
+    """Each poll is an IPC round trip per request: at most one every poll_interval, however
+    fast the engine steps; a client that left is still seen at the next one."""
+    now = [100.0]
+    r = Responder(start=False, poll_interval=0.05, clock=lambda: now[0])
+    sink = ListSink()
+    req = types.SimpleNamespace(sink=sink, cancelled=False)
+    r.poll_cancelled([req])
+    r.run_pending()
+    sink.cancel = True
+    for _ in range(10):                                    # steps within 50 ms: no poll
+        now[0] += 0.004
+        r.poll_cancelled([req])
+    assert r.q.qsize() == 0 and not req.cancelled
+    now[0] += 0.011
+    r.poll_cancelled([req])
+    r.run_pending()
+    assert req.cancelled
+
+
 def test_a_failed_engine_step_fails_what_is_in_flight_and_the_engine_serves_on():
     class BrokenOnce(SlowDecoder):
         broken = True
