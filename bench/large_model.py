@@ -524,7 +524,7 @@ def render(r: dict) -> str:
     lines += ["", f"KV cache: {kv['kv_bytes_per_token']:,} bytes per token "
                   f"(2 x {eng['decoder']['layers']} layers x {eng['decoder']['kv_heads']} KV heads x "
                   f"{eng['decoder']['head_size']} x {kv['kv_itemsize']} bytes, {eng['decoder']['kv_dtype']}: "
-                  f"the exported graph's past_key_values type). The exported config.pbtxt's "
+                  f"the KV type of the graph the decoder serves: float16 for quantized exports, kv_cache_dtype). The exported config.pbtxt's "
                   f"max_num_seqs {p['max_num_seqs']} x max_model_len {p['max_model_len']} slot buffer: "
                   f"{gib(kv['slot_buffer_bytes'])} (the decoder allocated {eng['decoder']['slots']} slots, "
                   f"{gib(eng['decoder']['slots'] * eng['decoder']['row_bytes'])}).", "",

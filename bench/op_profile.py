@@ -53,6 +53,8 @@ def by_op_type(trace: list[dict], skip_runs: int) -> tuple[dict[str, float], dic
     for e in trace:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= start:
             op = e["args"].get("op_name", "?")
+            if op == "If":   # its time is its branch's nodes', which are counted themselves
+                continue
             us[op] += e["dur"]
             nodes[op] += 1
     return us, nodes, len(runs)
