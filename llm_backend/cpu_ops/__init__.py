@@ -150,6 +150,16 @@ def ops(lib: Path) -> set[str]:
     return set(filter(None, fn().decode().split(",")))
 
 
+def _graph_index(graph) -> tuple[dict, dict, set]:
+    """(the node producing each value, the nodes reading each value, the graph's outputs)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    return producer, readers, {o.name for o in graph.output}
+
+
 def _drop_unread(graph, names: set[str]) -> None:
     """Remove the initializers `names` (constants of nodes a rewrite removed) that nothing
     reads any more: no node, subgraph, input or output of the graph."""
@@ -227,12 +237,7 @@ def fuse_swiglu(graph) -> int:
     read elsewhere are left alone."""
     from onnx import TensorProto, helper, numpy_helper
 
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    graph_outputs = {o.name for o in graph.output}
+    producer, readers, graph_outputs = _graph_index(graph)
     consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer
               if t.data_location != TensorProto.EXTERNAL and len(t.dims) == 1 and t.dims[0] <= 8}
 
@@ -289,12 +294,7 @@ def fuse_skip_norm_quantize(graph) -> int:
     with a bias or beta, are left alone."""
     from onnx import helper
 
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    graph_outputs = {o.name for o in graph.output}
+    producer, readers, graph_outputs = _graph_index(graph)
 
     def only_reader(name):
         r = readers.get(name, [])
