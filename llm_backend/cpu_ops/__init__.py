@@ -160,6 +160,32 @@ def _graph_index(graph) -> tuple[dict, dict, set]:
     return producer, readers, {o.name for o in graph.output}
 
 
+def _row_scale(name: str, producer: dict):
+    """(the Mul, y, m) when `name` is made by a Mul of a product's output y by a
+    RowQuantize's m (W8A8's per-row scale after a product), else None."""
+    mul = producer.get(name)
+    if mul is None or mul.op_type != "Mul" or len(mul.input) != 2:
+        return None
+    for i, m in enumerate(mul.input):
+        rq = producer.get(m)
+        if rq is not None and rq.op_type == "RowQuantize" and rq.domain == DOMAIN and rq.output[1] == m:
+            return mul, mul.input[1 - i], m
+    return None
+
+
+def _rewrite(graph, replace: dict, drop: set, constants: set[str] = frozenset()) -> int:
+    """Put each new node in the place of the node whose id `replace` maps it from, remove
+    the nodes of `drop` and then the `constants` nothing reads any more; returns how
+    many nodes were replaced."""
+    if not replace:
+        return 0
+    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unread(graph, set(constants))
+    return len(replace)
+
+
 def _drop_unread(graph, names: set[str]) -> None:
     """Remove the initializers `names` (constants of nodes a rewrite removed) that nothing
     reads any more: no node, subgraph, input or output of the graph."""
@@ -220,13 +246,7 @@ def fuse_row_quantize(graph) -> int:
         replace[id(absn)] = fused
         drop.update({id(quant), id(rmax), id(div)})
         constants.update({rmax.input[1], quant.input[1], quant.input[2]})
-    if not replace:
-        return 0
-    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    _drop_unread(graph, constants)
-    return len(replace)
+    return _rewrite(graph, replace, drop, constants)
 
 
 def fuse_swiglu(graph) -> int:
@@ -255,15 +275,13 @@ def fuse_swiglu(graph) -> int:
             continue
         axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
         sizes = consts.get(split.input[1])
-        scale = producer.get(split.input[0])
+        scaled = _row_scale(split.input[0], producer)
         if (axis != -1 or sizes is None or len(sizes) != 2 or sizes[0] != sizes[1]
-                or scale is None or scale.op_type != "Mul" or not only(split.input[0])):
+                or scaled is None or not only(split.input[0])):
             continue
-        m = next((i for i in scale.input if producer.get(i) is not None and producer[i].op_type == "RowQuantize"
-                  and producer[i].output[1] == i), None)
+        scale, y, m = scaled
         gate, up = split.output
-        y = other(scale, m) if m else None
-        if y is None or not only(gate, 2) or not only(up):
+        if not only(gate, 2) or not only(up):
             continue
         sig = next((n for n in readers[gate] if n.op_type == "Sigmoid"), None)
         act = next((n for n in readers[gate] if n.op_type == "Mul"), None)
@@ -276,13 +294,7 @@ def fuse_swiglu(graph) -> int:
         replace[id(final)] = fused
         drop.update({id(scale), id(split), id(sig), id(act)})
         sizes_names.add(split.input[1])
-    if not replace:
-        return 0
-    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    _drop_unread(graph, sizes_names)
-    return len(replace)
+    return _rewrite(graph, replace, drop, sizes_names)
 
 
 def fuse_skip_norm_quantize(graph) -> int:
@@ -300,17 +312,6 @@ def fuse_skip_norm_quantize(graph) -> int:
         r = readers.get(name, [])
         return r[0] if len(r) == 1 and name not in graph_outputs else None
 
-    def row_scale(name):
-        """(y, m) when `name` is a Mul of a product's output by a RowQuantize's m."""
-        mul = producer.get(name)
-        if mul is None or mul.op_type != "Mul" or len(mul.input) != 2:
-            return None
-        for i, m in enumerate(mul.input):
-            rq = producer.get(m)
-            if rq is not None and rq.op_type == "RowQuantize" and rq.domain == DOMAIN and rq.output[1] == m:
-                return mul, mul.input[1 - i], m
-        return None
-
     replace, drop, fresh = {}, set(), 0
     for norm in graph.node:
         if (norm.op_type != "SkipSimplifiedLayerNormalization" or norm.domain != "com.microsoft"
@@ -320,7 +321,7 @@ def fuse_skip_norm_quantize(graph) -> int:
         if quant is None or quant.op_type != "RowQuantize" or quant.domain != DOMAIN:
             continue
         for side in (1, 0):    # the builder passes the product as skip; either is a sum
-            found = row_scale(norm.input[side])
+            found = _row_scale(norm.input[side], producer)
             if found is not None and only_reader(norm.input[side]) is norm:
                 break
         else:
@@ -334,12 +335,7 @@ def fuse_skip_norm_quantize(graph) -> int:
                                              [quant.output[0], quant.output[1], total], domain=DOMAIN,
                                              name=f"{norm.name}/SkipNormQuantize", epsilon=epsilon)
         drop.update({id(mul), id(quant)})
-    if not replace:
-        return 0
-    nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return len(replace)
+    return _rewrite(graph, replace, drop)
 
 
 # GroupQueryAttention's attributes GroupAttention computes the same way (value: the ones it takes)
