@@ -91,11 +91,42 @@ static inline void run_units(void *context, void (*fn)(void *, size_t), size_t t
     for (size_t i = 0; i < total; i++) fn(data, i);
 }
 
+/* Rows of k elements split into chunks of about CHUNK_ELEMENTS for run_units: a decode
+   step's few rows are one chunk (run on this thread), a prefill's many go over
+   onnxruntime's threads. */
+enum { CHUNK_ELEMENTS = 1 << 15 };
+static inline int64_t row_chunks(int64_t rows, int64_t k) {
+    int64_t chunks = rows * k / CHUNK_ELEMENTS;
+    return chunks < 1 ? 1 : chunks < rows ? chunks : rows;
+}
+
+/* the rows [*first, *last) of chunk `chunk` of `chunks` */
+static inline void chunk_rows(int64_t rows, size_t chunk, int64_t chunks, int64_t *first, int64_t *last) {
+    *first = rows * (int64_t)chunk / chunks;
+    *last = rows * ((int64_t)chunk + 1) / chunks;
+}
+
+/* whether `value` holds one element a row for `rows` rows ([..., 1]: a row scale) */
+static inline int one_per_row(const void *value, int64_t rows) {
+    int64_t dims[MAX_RANK], count = 1;
+    size_t n = 0;
+    if (shape_of(value, dims, &n) || n < 1 || dims[n - 1] != 1) return 0;
+    for (size_t i = 0; i < n; i++) count *= dims[i];
+    return count == rows;
+}
+
 /* Callbacks every op of ours shares: it runs on the CPU, each input and output is
-   required, inputs are in the default memory. */
+   required, inputs are in the default memory; and, for an op that keeps no state,
+   every kernel is one and the same. */
 static inline const char *op_on_cpu(const OpTable *op) { (void)op; return 0; }
 static inline int op_required(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
 static inline int op_default_memory(const OpTable *op, size_t i) { (void)op; (void)i; return 0; }
+static inline void *op_stateless_create(const OpTable *op, const void *a, const void *info) {
+    static int instance;
+    (void)op; (void)a; (void)info;
+    return &instance;
+}
+static inline void op_stateless_destroy(void *kernel) { (void)kernel; }
 
 /* Registers `ops` in the domain `domain` with the session options. */
 static inline Status *register_ops(void *options, const ApiBase *base, const char *domain_name,

@@ -28,7 +28,6 @@
 #endif
 
 static const float INV127 = 1.0f / 127.0f;
-enum { CHUNK_ELEMENTS = 1 << 15 };   /* below 2 chunks' worth a call stays on one thread */
 
 static float absmax(const float *x, int64_t k) {
     int64_t i = 0;
@@ -67,7 +66,8 @@ typedef struct { const float *x; uint8_t *q; float *m; int64_t rows, k, chunks; 
 
 static void quantize_rows(void *data, size_t chunk) {
     const Work *w = data;
-    int64_t first = w->rows * (int64_t)chunk / w->chunks, last = w->rows * ((int64_t)chunk + 1) / w->chunks;
+    int64_t first, last;
+    chunk_rows(w->rows, chunk, w->chunks, &first, &last);
     for (int64_t r = first; r < last; r++) {
         w->m[r] = absmax(w->x + r * w->k, w->k);
         quantize_row(w->x + r * w->k, w->q + r * w->k, w->k, w->m[r]);
@@ -96,9 +96,7 @@ static void compute(void *kernel, void *context) {
         for (int64_t r = 0; r < rows; r++) m[r] = NAN;
         return;
     }
-    /* a decode step's few rows on this thread; a prefill's many on onnxruntime's threads */
-    int64_t chunks = rows * k / CHUNK_ELEMENTS;
-    Work w = {x, q, m, rows, k, chunks < 1 ? 1 : chunks < rows ? chunks : rows};
+    Work w = {x, q, m, rows, k, row_chunks(rows, k)};
     run_units(context, quantize_rows, (size_t)w.chunks, &w);
 }
 
@@ -116,7 +114,8 @@ typedef struct {
 
 static void norm_rows(void *data, size_t chunk) {
     const NormWork *w = data;
-    int64_t first = w->rows * (int64_t)chunk / w->chunks, last = w->rows * ((int64_t)chunk + 1) / w->chunks;
+    int64_t first, last;
+    chunk_rows(w->rows, chunk, w->chunks, &first, &last);
     float *normed = malloc(sizeof(float) * (size_t)w->k);
     for (int64_t r = first; r < last; r++) {
         const float *x = w->x + r * w->k, *y = w->y + r * w->k;
@@ -138,18 +137,15 @@ static void norm_rows(void *data, size_t chunk) {
 static void norm_compute(void *kernel, void *context) {
     const NormKernel *kern = kernel;
     const void *in[4];
-    int64_t dims[MAX_RANK], yd[MAX_RANK], sd[MAX_RANK], gd[MAX_RANK];
-    size_t n = 0, yn = 0, sn = 0, gn = 0;
+    int64_t dims[MAX_RANK], yd[MAX_RANK], gd[MAX_RANK];
+    size_t n = 0, yn = 0, gn = 0;
     for (int i = 0; i < 4; i++)
         if (!(in[i] = input_of(context, (size_t)i))) return;
     if (shape_of(in[0], dims, &n) || n < 1) return;
-    int64_t k = dims[n - 1], rows = 1, srows = 1;
+    int64_t k = dims[n - 1], rows = 1;
     for (size_t i = 0; i + 1 < n; i++) rows *= dims[i];
     int ok = !shape_of(in[1], yd, &yn) && yn == n && !memcmp(yd, dims, n * sizeof(int64_t)) &&
-             !shape_of(in[2], sd, &sn) && sn >= 1 && sd[sn - 1] == 1 &&
-             !shape_of(in[3], gd, &gn) && gn == 1 && gd[0] == k;
-    for (size_t i = 0; ok && i < sn; i++) srows *= sd[i];
-    ok = ok && srows == rows;
+             one_per_row(in[2], rows) && !shape_of(in[3], gd, &gn) && gn == 1 && gd[0] == k;
     void *q_out = output_of(context, 0, dims, n), *sum_out = output_of(context, 2, dims, n);
     dims[n - 1] = 1;
     void *m_out = output_of(context, 1, dims, n);
@@ -161,8 +157,7 @@ static void norm_compute(void *kernel, void *context) {
         for (int64_t r = 0; r < rows; r++) m[r] = NAN;   /* the product after it gives NaN rows */
         return;
     }
-    int64_t chunks = rows * k / CHUNK_ELEMENTS;
-    NormWork w = {x, y, s, gamma, q, m, sum, rows, k, chunks < 1 ? 1 : chunks < rows ? chunks : rows, kern->epsilon};
+    NormWork w = {x, y, s, gamma, q, m, sum, rows, k, row_chunks(rows, k), kern->epsilon};
     run_units(context, norm_rows, (size_t)w.chunks, &w);
 }
 
@@ -178,20 +173,14 @@ static const char *norm_name(const OpTable *op) { (void)op; return "SkipNormQuan
 static size_t norm_input_count(const OpTable *op) { (void)op; return 4; }
 static size_t norm_output_count(const OpTable *op) { (void)op; return 3; }
 
-static int kernel_instance;   /* the op keeps no state: every kernel is this one */
-static void *create_kernel(const OpTable *op, const void *a, const void *info) {
-    (void)op; (void)a; (void)info;
-    return &kernel_instance;
-}
-static void destroy(void *kernel) { (void)kernel; }
 static const char *name(const OpTable *op) { (void)op; return "RowQuantize"; }
 static int input_type(const OpTable *op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
 static size_t input_count(const OpTable *op) { (void)op; return 1; }
 static int output_type(const OpTable *op, size_t i) { (void)op; return i == 0 ? ELEM_UINT8 : ELEM_FLOAT; }
 static size_t output_count(const OpTable *op) { (void)op; return 2; }
 
-static OpTable op = {API_VERSION, create_kernel, name, op_on_cpu, input_type, input_count, output_type,
-                     output_count, compute, destroy, op_required, op_required, op_default_memory};
+static OpTable op = {API_VERSION, op_stateless_create, name, op_on_cpu, input_type, input_count, output_type,
+                     output_count, compute, op_stateless_destroy, op_required, op_required, op_default_memory};
 OpTable *const row_quantize_op = &op;
 
 static OpTable norm_op = {API_VERSION, norm_create, norm_name, op_on_cpu, input_type, norm_input_count,

@@ -15,8 +15,6 @@
 #include <math.h>
 #include "ort_api.h"
 
-enum { CHUNK_ELEMENTS = 1 << 15 };   /* below 2 chunks' worth a call stays on one thread */
-
 typedef struct { const float *y, *s; float *h; int64_t rows, f, chunks; } Work;
 
 static void gate_row(const float *y, float s, float *h, int64_t f) {
@@ -30,22 +28,20 @@ static void gate_row(const float *y, float s, float *h, int64_t f) {
 
 static void gate_rows(void *data, size_t chunk) {
     const Work *w = data;
-    int64_t first = w->rows * (int64_t)chunk / w->chunks, last = w->rows * ((int64_t)chunk + 1) / w->chunks;
+    int64_t first, last;
+    chunk_rows(w->rows, chunk, w->chunks, &first, &last);
     for (int64_t r = first; r < last; r++) gate_row(w->y + r * 2 * w->f, w->s[r], w->h + r * w->f, w->f);
 }
 
 static void compute(void *kernel, void *context) {
     (void)kernel;
     const void *y_in = input_of(context, 0), *s_in = input_of(context, 1);
-    int64_t dims[MAX_RANK], sdims[MAX_RANK];
-    size_t n = 0, sn = 0;
+    int64_t dims[MAX_RANK];
+    size_t n = 0;
     if (!y_in || !s_in || shape_of(y_in, dims, &n) || n < 1) return;
     int64_t width = dims[n - 1], rows = 1;
     for (size_t i = 0; i + 1 < n; i++) rows *= dims[i];
-    int ok = !shape_of(s_in, sdims, &sn) && width % 2 == 0;
-    int64_t srows = 1;
-    for (size_t i = 0; ok && i < sn; i++) srows *= sdims[i];
-    ok = ok && sn >= 1 && sdims[sn - 1] == 1 && srows == rows;
+    int ok = width % 2 == 0 && one_per_row(s_in, rows);
     dims[n - 1] = width / 2;
     void *h_out = output_of(context, 0, dims, n);
     float *h = h_out ? data_of(h_out) : 0;
@@ -56,23 +52,16 @@ static void compute(void *kernel, void *context) {
         for (int64_t i = 0; i < rows * f; i++) h[i] = NAN;
         return;
     }
-    int64_t chunks = rows * f / CHUNK_ELEMENTS;
-    Work w = {y, s, h, rows, f, chunks < 1 ? 1 : chunks < rows ? chunks : rows};
+    Work w = {y, s, h, rows, f, row_chunks(rows, f)};
     run_units(context, gate_rows, (size_t)w.chunks, &w);
 }
 
-static int kernel_instance;   /* the op keeps no state: every kernel is this one */
-static void *create_kernel(const OpTable *op, const void *a, const void *info) {
-    (void)op; (void)a; (void)info;
-    return &kernel_instance;
-}
-static void destroy(void *kernel) { (void)kernel; }
 static const char *name(const OpTable *op) { (void)op; return "SwiGLU"; }
 static int input_type(const OpTable *op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
 static size_t input_count(const OpTable *op) { (void)op; return 2; }
 static int output_type(const OpTable *op, size_t i) { (void)op; (void)i; return ELEM_FLOAT; }
 static size_t output_count(const OpTable *op) { (void)op; return 1; }
 
-static OpTable op = {API_VERSION, create_kernel, name, op_on_cpu, input_type, input_count, output_type,
-                     output_count, compute, destroy, op_required, op_required, op_default_memory};
+static OpTable op = {API_VERSION, op_stateless_create, name, op_on_cpu, input_type, input_count, output_type,
+                     output_count, compute, op_stateless_destroy, op_required, op_required, op_default_memory};
 OpTable *const swiglu_op = &op;
